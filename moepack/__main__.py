@@ -1,0 +1,3 @@
+from moepack.cli.app import main
+
+main()
