@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moepack import __version__
-from moepack.arch import family, spec_from_config
+from moepack.arch import adapter_for, spec_from_config
 from moepack.codecs import decode, encode, parse_recipe
 from moepack.errors import CodecError
 from moepack.format import PackWriter
@@ -48,8 +48,8 @@ def load_expert(ckpt: Checkpoint, adapter, layer: int, expert: int) -> dict[str,
     """An expert's three projections in moepack's channel-major orientation: each [I, H]."""
     out = {}
     for proj in PROJECTIONS:
-        w = ckpt.read(adapter.expert_tensor_name(layer, expert, proj))
-        out[proj] = w.t().contiguous() if proj == "down" else w  # down is [H, I] on disk
+        ref = adapter.expert_tensor_ref(layer, expert, proj)  # says how to slice/transpose the stored tensor
+        out[proj] = ref.extract(ckpt.read(ref.name)).contiguous()
     return out
 
 
@@ -67,16 +67,15 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
     t0 = time.perf_counter()
     ckpt = Checkpoint(resolve_source(src), name=str(src))
     spec = spec_from_config(ckpt.config)
-    adapter = family(spec.family)
+    adapter = adapter_for(spec)
     out = Path(out) if out is not None else default_pack_path(src)
-    layers = list(adapter.moe_layers(spec))
-    expert_names = {adapter.expert_tensor_name(layer, e, p)
+    layers = list(spec.sparse_layer_ids)
+    expert_names = {adapter.expert_tensor_ref(layer, e, p).name
                     for layer in layers for e in range(spec.num_experts) for p in PROJECTIONS}
     dense_names = [n for n in ckpt.names() if n not in expert_names]
 
-    first = adapter.expert_tensor_name(layers[0], 0, "gate")
-    src_dtype, (i_dim, h_dim), _ = ckpt.info(first)
-    shape = (i_dim, h_dim)
+    src_dtype = ckpt.info(adapter.expert_tensor_ref(layers[0], 0, "gate").name)[0]
+    shape = spec.expert_shape()
     chosen_by = "recipe"
     if plan is None:
         if recipe is not None and target_ratio is not None:

@@ -96,6 +96,15 @@ class Pack:
             self._verify(("e", rec.key), data, rec.checksum, f"expert {layer}.{expert}", rec.shard)
         return data
 
+    def release(self, layer: int, expert: int) -> None:
+        """Drop an expert's mapped pages from this process (they stay in the OS page cache)."""
+        rec = self.expert(layer, expert)
+        mm = self._maps[rec.shard]
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = rec.offset - rec.offset % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, rec.offset + rec.nbytes - start)
+
     def expert(self, layer: int, expert: int) -> ExpertRecord:
         rec = self.expert_records.get((layer, expert))
         if rec is None:

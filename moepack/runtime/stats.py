@@ -1,0 +1,64 @@
+"""Run statistics: what `moepack run --stats` prints and `--json` returns."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    tokens: int = 0  # generated tokens
+    ttft_s: float = 0.0  # time to first token (prefill + first sample)
+    decode_s: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    bytes_moved: int = 0
+    bytes_moved_decode: int = 0
+    stall_s: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+    expert_slots: int | None = None
+    total_experts: int = 0
+    backend: str = ""
+    device: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.tokens - 1  # the first token comes from prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        total = self.cache_hits + self.cache_misses
+        return self.cache_hits / total if total else 1.0
+
+    @property
+    def bytes_moved_per_token(self) -> float:
+        """Expert bytes loaded per decoded token (prefill excluded: it is amortised over the prompt)."""
+        steps = self.tokens - 1
+        return self.bytes_moved_decode / steps if steps > 0 else 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(decode_tokens_per_s=self.decode_tokens_per_s, cache_hit_rate=self.cache_hit_rate,
+                   bytes_moved_per_token=self.bytes_moved_per_token)
+        out.update(out.pop("extra"))
+        return out
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None

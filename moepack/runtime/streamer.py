@@ -1,0 +1,48 @@
+"""Moves expert blobs from the memory-mapped pack into cache slots.
+
+CUDA: mapped pages -> pinned staging buffer (CPU copy) -> slot (async DMA on a side stream); two staging
+buffers alternate so the CPU copy of one expert overlaps the DMA of the previous, and compute waits on a
+per-load event only when it needs that expert. CPU: one copy from the mapped pages into the slot, after
+which the mapped range is dropped from this process (madvise), so resident memory stays within budget."""
+
+from __future__ import annotations
+
+import torch
+
+from moepack.format import Pack
+
+Key = tuple[int, int]
+
+
+class Streamer:
+    def __init__(self, pack: Pack, device: torch.device, slot_bytes: int, *, verify: bool = True, buffers: int = 2):
+        self.pack, self.device, self.verify = pack, torch.device(device), verify
+        self.cuda = self.device.type == "cuda"
+        self.loads = 0
+        if self.cuda:
+            self.stream = torch.cuda.Stream(self.device)
+            self.staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
+            self.staging_free: list[torch.cuda.Event | None] = [None] * buffers
+            self._next = 0
+
+    def load(self, key: Key, dst: torch.Tensor) -> torch.cuda.Event | None:
+        """Copy expert `key` into `dst` (a slot view). On CUDA returns the event that marks completion."""
+        src = self.pack.expert_blob(*key, verify=self.verify)
+        self.loads += 1
+        if not self.cuda:
+            dst.copy_(src)
+            self.pack.release(*key)
+            return None
+        i = self._next
+        self._next = (i + 1) % len(self.staging)
+        if self.staging_free[i] is not None:
+            self.staging_free[i].synchronize()  # the DMA that last read this staging buffer is done
+        stage = self.staging[i][: src.numel()]
+        stage.copy_(src)
+        self.pack.release(*key)
+        with torch.cuda.stream(self.stream):
+            dst.copy_(stage, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.staging_free[i] = done
+        return done
