@@ -59,7 +59,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 def compress(src: str, out: str | Path | None = None, *, recipe: str | None = None, target_ratio: float | None = None,
-             plan: Plan | None = None, force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+             plan: Plan | None = None, calib: str | Path | None = None, force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
              progress: ProgressFn | None = None, frequencies: dict[tuple[int, int], float] | None = None,
              meta: dict | None = None) -> CompressReport:
     """Compress `src` into a pack. Exactly one of `recipe`, `target_ratio` or `plan` decides the recipes;

@@ -1,0 +1,177 @@
+"""MoePackModel: the runtime's Python API (the CLI's `run` is a thin layer over it).
+
+    model = MoePackModel.load("mixtral.moepack", vram="11GB")
+    out = model.generate("The capital of France is", max_new_tokens=32)
+    print(out.text, out.stats.decode_tokens_per_s)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moepack.errors import MoepackError
+from moepack.format import Pack
+from moepack.kernels import Backend
+from moepack.runtime.budget import BudgetPlan, plan_budget
+from moepack.runtime.cache import ExpertCache
+from moepack.runtime.executor import StreamingExecutor
+from moepack.runtime.model import KVCache, MoeModel
+from moepack.runtime.sampling import TextStream, sample
+from moepack.runtime.stats import RunStats, peak_device_bytes, peak_rss_bytes
+from moepack.runtime.streamer import Streamer
+from moepack.units import parse_size
+
+PREFILL_CHUNK = 256  # prompt tokens per forward during prefill (bounds activation memory)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoepackError("--device cuda was asked for, but this torch has no CUDA device (use --device cpu)")
+    return torch.device(device)
+
+
+def workspace_bytes(spec, dtype: torch.dtype) -> int:
+    """Activations of one prefill chunk: hidden states, attention scores, expert intermediates, logits."""
+    per_token = 4 * spec.hidden_size + 3 * spec.moe_intermediate_size + spec.vocab_size + 2 * spec.num_heads * PREFILL_CHUNK
+    return 2 * PREFILL_CHUNK * per_token * max(dtype.itemsize, 4)
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    stats: RunStats
+    interrupted: bool = False
+
+
+class MoePackModel:
+    def __init__(self, pack: Pack, model: MoeModel, executor: StreamingExecutor, budget: BudgetPlan | None,
+                 tokenizer, context: int):
+        self.pack, self.model, self.executor, self.budget = pack, model, executor, budget
+        self.tokenizer, self.context = tokenizer, context
+        self.spec = model.spec
+
+    @classmethod
+    def load(cls, path: str | Path, *, vram: str | int | None = None, device: str = "auto", backend: str = "auto",
+             cache_policy: str = "lru", dtype: torch.dtype | None = None, context: int = 2048,
+             verify: bool = True) -> MoePackModel:
+        """Open a pack. `vram` bounds dense weights + KV cache + workspace + expert slots on the device
+        (on the CPU it bounds the same in RAM); None keeps every expert available."""
+        pack = Pack(path)
+        spec = pack.spec
+        dev = pick_device(device)
+        dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        kernel = Backend.parse(backend)
+        dense = {t.name: pack.tensor(t.name, verify=verify) for t in pack.manifest.tensors}
+        budget = None
+        cache = streamer = None
+        if vram is not None or dev.type == "cuda":
+            dense_bytes = sum(t.numel() for t in dense.values()) * dtype.itemsize
+            slot_bytes = max(e.nbytes for e in pack.manifest.experts)
+            budget = plan_budget(
+                None if vram is None else parse_size(vram), dense_bytes=dense_bytes,
+                kv_bytes=KVCache.bytes_per_token(spec, dtype) * context, workspace_bytes=workspace_bytes(spec, dtype),
+                slot_bytes=slot_bytes, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)
+            cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy)
+            streamer = Streamer(pack, dev, slot_bytes, verify=verify)
+        executor = StreamingExecutor(pack, cache, streamer, backend=kernel)
+        model = MoeModel(spec, dense, executor, dtype=dtype, device=dev)
+        tokenizer = None
+        if "tokenizer.json" in pack.manifest.files:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(pack.file_path("tokenizer.json")))
+        return cls(pack, model, executor, budget, tokenizer, context)
+
+    # -- tokens ------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise MoepackError("the pack has no tokenizer.json; pass token ids instead of text", path=self.pack.path)
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else " ".join(map(str, ids))
+
+    # -- compute -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [T, V] (float32, on the CPU) for a token sequence, prefilled in chunks."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
+        cache = cache if cache is not None else self.model.new_cache(capacity=len(ids))
+        out = [self.model.forward(ids[i:i + PREFILL_CHUNK], cache).float().cpu()
+               for i in range(0, len(ids), PREFILL_CHUNK)]
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
+                 stop_at_eos: bool = True) -> Generation:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise MoepackError("the prompt is empty")
+        if len(ids) + max_new_tokens > self.context:
+            raise MoepackError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the context "
+                               f"of {self.context} tokens the budget was planned for; raise --context")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        stream = TextStream(self.tokenizer, ids) if self.tokenizer else None
+        stats = self._start_stats(len(ids))
+        cache = self.model.new_cache(capacity=len(ids) + max_new_tokens)
+        out: list[int] = []
+        interrupted = False
+        t0 = time.perf_counter()
+        try:
+            for i in range(0, len(ids), PREFILL_CHUNK):  # prefill
+                logits = self.model.forward(torch.tensor(ids[i:i + PREFILL_CHUNK]), cache, last_only=True)
+            before_decode = self._bytes_moved()
+            t_decode = None
+            for step in range(max_new_tokens):
+                token = sample(logits[-1], temperature=temperature, top_p=top_p, generator=gen)
+                if step == 0:
+                    stats.ttft_s = time.perf_counter() - t0
+                    t_decode = time.perf_counter()
+                out.append(token)
+                if stream is not None and on_text is not None:
+                    on_text(stream.push(token))
+                if (stop_at_eos and token in self.spec.eos_token_ids) or step == max_new_tokens - 1:
+                    break
+                logits = self.model.forward(torch.tensor([token]), cache)
+        except KeyboardInterrupt:
+            interrupted = True
+        if t_decode is not None:
+            stats.decode_s = time.perf_counter() - t_decode
+        stats.tokens = len(out)
+        stats.bytes_moved_decode = self._bytes_moved() - before_decode if out else 0
+        self._finish_stats(stats)
+        return Generation(self.decode(out), out, stats, interrupted)
+
+    # -- stats ---------------------------------------------------------------------------------------------
+    def _bytes_moved(self) -> int:
+        cache = self.executor.cache
+        return cache.stats.bytes_loaded if cache is not None else 0
+
+    def _start_stats(self, prompt_tokens: int) -> RunStats:
+        cache = self.executor.cache
+        self._base = (cache.stats.hits, cache.stats.misses, cache.stats.bytes_loaded) if cache else (0, 0, 0)
+        self._stall0 = self.executor.stall_s
+        if self.model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.model.device)
+        return RunStats(prompt_tokens=prompt_tokens, total_experts=len(self.pack.manifest.experts),
+                        expert_slots=self.budget.slots if self.budget else None, device=str(self.model.device),
+                        backend=self.executor.backend.name)
+
+    def _finish_stats(self, stats: RunStats) -> None:
+        cache = self.executor.cache
+        if cache is not None:
+            stats.cache_hits = cache.stats.hits - self._base[0]
+            stats.cache_misses = cache.stats.misses - self._base[1]
+            stats.bytes_moved = cache.stats.bytes_loaded - self._base[2]
+        stats.stall_s = self.executor.stall_s - self._stall0
+        stats.peak_rss_bytes = peak_rss_bytes()
+        stats.peak_device_bytes = peak_device_bytes(self.model.device)

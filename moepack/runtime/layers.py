@@ -1,0 +1,136 @@
+"""Building blocks of the lean forward: RMSNorm, rotary embeddings (transformers' formulas), attention.
+
+Only torch and moepack.arch. Shapes: B batch, T new tokens, S cached + new tokens, nh / nkv heads, d head_dim."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moepack.arch import RopeSpec
+from moepack.errors import UnsupportedModelError
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in float32, cast back, then scale."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+# --- rotary embeddings ---------------------------------------------------------------------------
+def rope_inv_freq(rope: RopeSpec, head_dim: int, max_position_embeddings: int,
+                  seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2] float32, attention_scaling) as transformers' ROPE_INIT_FUNCTIONS compute them.
+    `seq_len` matters only for "dynamic" (the longest sequence seen so far)."""
+    dim = int(head_dim * rope.partial_rotary_factor)
+    base = rope.theta
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rope.type == "default":
+        return 1.0 / (base ** exps), 1.0
+    if rope.type == "linear":
+        return (1.0 / (base ** exps)) / rope.factor, 1.0
+    if rope.type == "dynamic":
+        seq = max(seq_len or max_position_embeddings, max_position_embeddings)
+        base = base * ((rope.factor * seq / max_position_embeddings) - (rope.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exps), 1.0
+    if rope.type == "llama3":
+        return _llama3_inv_freq(rope, 1.0 / (base ** exps)), 1.0
+    if rope.type == "yarn":
+        return _yarn_inv_freq(rope, dim, max_position_embeddings)
+    raise UnsupportedModelError(f"rope type {rope.type!r} is not supported")
+
+
+def _llama3_inv_freq(rope: RopeSpec, inv_freq: torch.Tensor) -> torch.Tensor:
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old = rope.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def _yarn_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    base = rope.theta
+    original = rope.original_max_position_embeddings or max_position_embeddings
+    factor = rope.factor if rope.factor is not None else max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.attention_factor
+    if attention is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention = float(mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim))
+        else:
+            attention = mscale(factor)
+    beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, dim] for integer positions [T] (float32 math, then cast, as transformers does)."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [T, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, n, T, d]; cos/sin [T, r] with r <= d (partial rotary: the first r dims rotate)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+# --- attention -----------------------------------------------------------------------------------
+def attention_mask(q_start: int, t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [t, s] (True = attend) for queries at positions q_start..q_start+t-1 over keys 0..s-1;
+    None when every query sees every key (single-token decode without a window)."""
+    if t == 1 and (window is None or s <= window):
+        return None
+    q = torch.arange(q_start, q_start + t, device=device)[:, None]
+    k = torch.arange(s, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """Grouped-query attention. q [B, nh, T, d], k/v [B, nkv, S, d] -> [B, T, nh*d]."""
+    b, nh, t, d = q.shape
+    groups = nh // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, nh, T, d]
+    return out.transpose(1, 2).reshape(b, t, nh * d)
