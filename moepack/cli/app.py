@@ -58,6 +58,33 @@ def inspect(
 
 
 @app.command()
+def run(
+    pack: str = typer.Argument(..., help="A pack path, or a model name whose pack is in the store."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Memory budget on the device (11GB, 11GiB, 500MB)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    context: int = typer.Option(2048, "--context", help="Longest prompt + generation the KV cache is planned for."),
+    backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
+    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy."),
+    stats: bool = typer.Option(False, "--stats", help="Print run statistics after the text."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text and statistics)."),
+) -> None:
+    """Generate text from a pack with a budgeted expert cache."""
+    from moepack.cli import run_cmd
+
+    try:
+        run_cmd.run(pack, prompt=prompt, vram=vram, device=device, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend,
+                    cache_policy=cache_policy, stats=stats, json_out=json_out)
+    except MoepackError as exc:
+        _fail(exc)
+
+
+@app.command()
 def verify(pack: str = typer.Argument(..., help="A pack path or model name.")) -> None:
     """Validate a pack and check every checksum."""
     from rich.console import Console
