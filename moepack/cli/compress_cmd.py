@@ -49,3 +49,4 @@ def run(src: str, out: Path | None, *, target_ratio, recipe, calib, shard_size: 
     table.add_row("mean rel. error", f"{report.mean_error:.4f}")
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
+    console.print(f"wrote {report.path}", soft_wrap=True, highlight=False)  # whole, never cut: scripts read it

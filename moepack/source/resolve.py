@@ -74,7 +74,9 @@ def resolve_source(src: str) -> Path:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
+        # the environment is read here, not at huggingface-hub's import, so a changed HF_HUB_CACHE applies
+        cache_dir = os.environ.get("HF_HUB_CACHE") or None
+        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=offline, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise SourceError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached "
                           f"(offline mode: {offline}); download it once with network access") from None

@@ -1,0 +1,274 @@
+// CUDA kernels for moepack group quantisation (q2/q3/q4, group a multiple of 32): the same three ops as
+// dequant_cpu.cpp. This file includes no torch header: it compiles alone with `nvcc -c`, and
+// dequant_cuda_binding.cpp turns tensors into the raw pointers of the extern "C" launchers below.
+//
+// Layout (docs/architecture.md, "Codecs"): codes uint8 [rows, cols*b/8], a little-endian bitstream per
+// row; scale, zero fp16 [rows, cols/G]; w = (q - zero) * scale in fp32 (the torch reference's rounding).
+//
+// Work units. 32 codes of b bits are exactly 4*b bytes and never straddle a group (G % 32 == 0):
+//  * qmatmul (x @ W[rows].T): one warp per output row; lane l reads 32-code blocks l, l+32, ... of the
+//    row as one 16-byte (q4), 8-byte (q2) or 3 x 4-byte (q3) load, so a warp reads a contiguous 512/256/
+//    384-byte span per step (coalesced); partial sums meet in a shuffle reduction.
+//  * qmatmul_t (h @ W[rows]): one thread per 8 columns (b bytes) and a slice of kRowsPerSlice rows;
+//    consecutive threads read consecutive bytes of a row (coalesced), accumulate in registers and add
+//    their slice's contribution to the output with atomicAdd (the output starts zeroed).
+//  * qdequant: one thread per 8 columns of one row, writing two float4.
+// Row strides are multiples of 4*b bytes, so the aligned vector loads need only a 16-byte-aligned base
+// (the binding guarantees it).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = 256;
+constexpr int kRowsPerSlice = 32;
+constexpr int kMaxTokens = 8;
+
+// 32 codes of B bits as B 32-bit words; code i is stream bits [i*B, i*B+B).
+template <int B>
+struct Block32 {
+  uint32_t w[B];
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    if (B == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if (B == 2) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      w[0] = v.x; w[1] = v.y;
+    } else {
+#pragma unroll
+      for (int k = 0; k < B; ++k) w[k] = reinterpret_cast<const uint32_t*>(p)[k];
+    }
+  }
+  __device__ __forceinline__ uint32_t code(int i) const {  // i is a compile-time constant after unrolling
+    const int bit = i * B, word = bit >> 5, off = bit & 31;
+    uint32_t v = w[word] >> off;
+    if (off + B > 32) v |= w[word + 1] << (32 - off);
+    return v & ((1u << B) - 1u);
+  }
+};
+
+// 8 codes of B bits starting at byte p (B bytes, any alignment) as one integer.
+template <int B>
+__device__ __forceinline__ uint32_t load_octet(const uint8_t* p) {
+  if (B == 4) return *reinterpret_cast<const uint32_t*>(p);  // 4-byte aligned: octet index * 4
+  if (B == 2) return *reinterpret_cast<const uint16_t*>(p);  // 2-byte aligned
+  return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int B, int NT>
+__global__ void qmatmul_kernel(const float* __restrict__ x, int cols, const uint8_t* __restrict__ codes,
+                               const __half* __restrict__ scale, const __half* __restrict__ zero,
+                               const int64_t* __restrict__ rows, int n, int group, float* __restrict__ out,
+                               int ldo) {
+  const int warp = blockIdx.x * kWarpsPerBlock + (threadIdx.x / kWarp);
+  const int lane = threadIdx.x % kWarp;
+  if (warp >= n) return;
+  const int64_t r = rows ? rows[warp] : warp;
+  const int groups = cols / group, nblocks = cols / 32;
+  const uint8_t* crow = codes + r * (int64_t)(cols / 8 * B);
+  const __half* srow = scale + r * groups;
+  const __half* zrow = zero + r * groups;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.f;
+  for (int blk = lane; blk < nblocks; blk += kWarp) {
+    Block32<B> q;
+    q.load(crow + blk * 4 * B);
+    const int g = blk * 32 / group;
+    const float s = __half2float(srow[g]), z = __half2float(zrow[g]);
+    const float* xb = x + blk * 32;
+#pragma unroll
+    for (int i4 = 0; i4 < 8; ++i4) {
+      float w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) w[k] = ((float)q.code(i4 * 4 + k) - z) * s;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float4 xv = __ldg(reinterpret_cast<const float4*>(xb + (int64_t)t * cols) + i4);
+        acc[t] = fmaf(w[0], xv.x, acc[t]);
+        acc[t] = fmaf(w[1], xv.y, acc[t]);
+        acc[t] = fmaf(w[2], xv.z, acc[t]);
+        acc[t] = fmaf(w[3], xv.w, acc[t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) out[(int64_t)t * ldo + warp] = v;
+  }
+}
+
+template <int B, int NT>
+__global__ void qmatmul_t_kernel(const float* __restrict__ h, int ldh, const uint8_t* __restrict__ codes,
+                                 const __half* __restrict__ scale, const __half* __restrict__ zero,
+                                 const int64_t* __restrict__ rows, int n, int cols, int group,
+                                 float* __restrict__ out) {
+  const int oct = blockIdx.x * blockDim.x + threadIdx.x;  // 8 columns [8*oct, 8*oct+8)
+  if (oct >= cols / 8) return;
+  const int i0 = blockIdx.y * kRowsPerSlice, i1 = min(n, i0 + kRowsPerSlice);
+  const int groups = cols / group, g = oct * 8 / group;
+  const int64_t row_bytes = (int64_t)(cols / 8) * B;
+  float acc[NT][8];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[t][j] = 0.f;
+  for (int i = i0; i < i1; ++i) {
+    const int64_t r = rows ? rows[i] : i;
+    const uint32_t q = load_octet<B>(codes + r * row_bytes + (int64_t)oct * B);
+    const float s = __half2float(scale[r * groups + g]), z = __half2float(zero[r * groups + g]);
+    float hv[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) hv[t] = __ldg(h + (int64_t)t * ldh + i);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float w = ((float)((q >> (j * B)) & ((1u << B) - 1u)) - z) * s;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[t][j] = fmaf(hv[t], w, acc[t][j]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) atomicAdd(out + (int64_t)t * cols + oct * 8 + j, acc[t][j]);
+}
+
+template <int B>
+__global__ void qdequant_kernel(const uint8_t* __restrict__ codes, const __half* __restrict__ scale,
+                                const __half* __restrict__ zero, const int64_t* __restrict__ rows, int cols,
+                                int group, float* __restrict__ out) {
+  const int oct = blockIdx.x * blockDim.x + threadIdx.x;
+  if (oct >= cols / 8) return;
+  const int i = blockIdx.y;
+  const int64_t r = rows ? rows[i] : i;
+  const int groups = cols / group, g = oct * 8 / group;
+  const uint32_t q = load_octet<B>(codes + r * (int64_t)(cols / 8) * B + (int64_t)oct * B);
+  const float s = __half2float(scale[r * groups + g]), z = __half2float(zero[r * groups + g]);
+  float w[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) w[j] = ((float)((q >> (j * B)) & ((1u << B) - 1u)) - z) * s;
+  float4* o = reinterpret_cast<float4*>(out + (int64_t)i * cols + oct * 8);
+  o[0] = make_float4(w[0], w[1], w[2], w[3]);
+  o[1] = make_float4(w[4], w[5], w[6], w[7]);
+}
+
+template <int B, int NT>
+void launch_matmul(const float* x, int cols, const uint8_t* codes, const __half* s, const __half* z,
+                   const int64_t* rows, int n, int group, float* out, int ldo, cudaStream_t stream) {
+  const dim3 grid((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  qmatmul_kernel<B, NT><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(x, cols, codes, s, z, rows, n, group, out, ldo);
+}
+
+template <int B>
+void matmul_tokens(const float* x, int T, int cols, const uint8_t* codes, const __half* s, const __half* z,
+                   const int64_t* rows, int n, int group, float* out, cudaStream_t stream) {
+  for (int t = 0; t < T; t += kMaxTokens) {
+    const float* xt = x + (int64_t)t * cols;
+    float* ot = out + (int64_t)t * n;
+    switch (T - t >= kMaxTokens ? kMaxTokens : T - t) {
+      case 1: launch_matmul<B, 1>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 2: launch_matmul<B, 2>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 3: launch_matmul<B, 3>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 4: launch_matmul<B, 4>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 5: launch_matmul<B, 5>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 6: launch_matmul<B, 6>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 7: launch_matmul<B, 7>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      default: launch_matmul<B, 8>(xt, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+    }
+  }
+}
+
+template <int B, int NT>
+void launch_matmul_t(const float* h, int ldh, const uint8_t* codes, const __half* s, const __half* z,
+                     const int64_t* rows, int n, int cols, int group, float* out, cudaStream_t stream) {
+  const dim3 grid((cols / 8 + kThreads - 1) / kThreads, (n + kRowsPerSlice - 1) / kRowsPerSlice);
+  qmatmul_t_kernel<B, NT><<<grid, kThreads, 0, stream>>>(h, ldh, codes, s, z, rows, n, cols, group, out);
+}
+
+template <int B>
+void matmul_t_tokens(const float* h, int T, const uint8_t* codes, const __half* s, const __half* z,
+                     const int64_t* rows, int n, int cols, int group, float* out, cudaStream_t stream) {
+  for (int t = 0; t < T; t += kMaxTokens) {
+    const float* ht = h + (int64_t)t * n;
+    float* ot = out + (int64_t)t * cols;
+    switch (T - t >= kMaxTokens ? kMaxTokens : T - t) {
+      case 1: launch_matmul_t<B, 1>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 2: launch_matmul_t<B, 2>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 3: launch_matmul_t<B, 3>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 4: launch_matmul_t<B, 4>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 5: launch_matmul_t<B, 5>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 6: launch_matmul_t<B, 6>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 7: launch_matmul_t<B, 7>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      default: launch_matmul_t<B, 8>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+    }
+  }
+}
+
+bool valid(int bits, int group, int cols) {
+  return (bits == 2 || bits == 3 || bits == 4) && group > 0 && group % 32 == 0 && cols > 0 && cols % group == 0;
+}
+
+}  // namespace
+
+// Launchers: raw device pointers, scale/zero as fp16 bits, rows nullable; return a cudaError_t
+// (cudaErrorInvalidValue for bad bits/group/cols). out of qmatmul_t must be zero-filled by the caller.
+extern "C" int moepack_cuda_qmatmul(const float* x, int T, int cols, const uint8_t* codes, const void* scale,
+                                    const void* zero, const int64_t* rows, int n, int bits, int group, float* out,
+                                    cudaStream_t stream) {
+  if (!valid(bits, group, cols)) return (int)cudaErrorInvalidValue;
+  if (T <= 0 || n <= 0) return (int)cudaSuccess;
+  const __half* s = static_cast<const __half*>(scale);
+  const __half* z = static_cast<const __half*>(zero);
+  if (bits == 2) matmul_tokens<2>(x, T, cols, codes, s, z, rows, n, group, out, stream);
+  else if (bits == 3) matmul_tokens<3>(x, T, cols, codes, s, z, rows, n, group, out, stream);
+  else matmul_tokens<4>(x, T, cols, codes, s, z, rows, n, group, out, stream);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int moepack_cuda_qmatmul_t(const float* h, int T, int n, const uint8_t* codes, const void* scale,
+                                      const void* zero, const int64_t* rows, int cols, int bits, int group,
+                                      float* out, cudaStream_t stream) {
+  if (!valid(bits, group, cols)) return (int)cudaErrorInvalidValue;
+  if (T <= 0 || n <= 0) return (int)cudaSuccess;
+  const __half* s = static_cast<const __half*>(scale);
+  const __half* z = static_cast<const __half*>(zero);
+  if (bits == 2) matmul_t_tokens<2>(h, T, codes, s, z, rows, n, cols, group, out, stream);
+  else if (bits == 3) matmul_t_tokens<3>(h, T, codes, s, z, rows, n, cols, group, out, stream);
+  else matmul_t_tokens<4>(h, T, codes, s, z, rows, n, cols, group, out, stream);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int moepack_cuda_qdequant(const uint8_t* codes, const void* scale, const void* zero,
+                                     const int64_t* rows, int n, int cols, int bits, int group, float* out,
+                                     cudaStream_t stream) {
+  if (!valid(bits, group, cols)) return (int)cudaErrorInvalidValue;
+  if (n <= 0) return (int)cudaSuccess;
+  const __half* s = static_cast<const __half*>(scale);
+  const __half* z = static_cast<const __half*>(zero);
+  constexpr int kMaxGridY = 65535;
+  for (int i0 = 0; i0 < n; i0 += kMaxGridY) {  // one launch per slice of rows (grid.y is limited)
+    const int m = n - i0 < kMaxGridY ? n - i0 : kMaxGridY;
+    const dim3 grid((cols / 8 + kThreads - 1) / kThreads, m);
+    const int64_t* r = rows ? rows + i0 : nullptr;
+    const uint8_t* c = rows ? codes : codes + (int64_t)i0 * (cols / 8) * bits;
+    const __half* sg = rows ? s : s + (int64_t)i0 * (cols / group);
+    const __half* zg = rows ? z : z + (int64_t)i0 * (cols / group);
+    float* o = out + (int64_t)i0 * cols;
+    if (bits == 2) qdequant_kernel<2><<<grid, kThreads, 0, stream>>>(c, sg, zg, r, cols, group, o);
+    else if (bits == 3) qdequant_kernel<3><<<grid, kThreads, 0, stream>>>(c, sg, zg, r, cols, group, o);
+    else qdequant_kernel<4><<<grid, kThreads, 0, stream>>>(c, sg, zg, r, cols, group, o);
+  }
+  return (int)cudaGetLastError();
+}

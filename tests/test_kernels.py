@@ -1,0 +1,195 @@
+"""moepack.kernels: the CPP backend against the TORCH reference, backend selection and fallbacks.
+
+Tolerance: a product differs from the reference only in fp32 accumulation order (the C++ kernels decode
+weights bit-identically to the codec reference), so we require max|diff| / max|ref| < 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from moepack.codecs import as_recipe, decode, encode
+from moepack.errors import KernelUnavailableError
+from moepack.kernels import Backend, compiled, matmul, matmul_t, ops, resolve_backend
+from moepack.kernels._build import CPP as CPP_EXT
+from moepack.kernels._build import CppExtension
+
+REL_TOL = 1e-5
+ROWS, COLS = 48, 384  # 384 = 3 groups of 128, 12 of 32
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def _random_quant(bits: int, group: int, seed: int, rows: int = ROWS, cols: int = COLS):
+    """Random parts (every byte pattern is a valid bitstream), so all code values are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    parts = {
+        "codes": torch.randint(0, 256, (rows, cols * bits // 8), generator=g, dtype=torch.uint8),
+        "scale": (torch.rand(rows, cols // group, generator=g) * 0.1 + 1e-3).half(),
+        "zero": (torch.rand(rows, cols // group, generator=g) * (2**bits - 1)).half(),
+    }
+    return parts, f"q{bits}g{group}", (rows, cols), g
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    if not CPP_EXT.available():
+        pytest.skip(f"C++ kernels unavailable here: {CPP_EXT._error or CPP_EXT.disabled_reason()}")
+    return CPP_EXT
+
+
+@pytest.mark.parametrize("use_rows", [False, True], ids=["all", "rows"])
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpp_matches_torch(cpp, bits, group, T, use_rows):
+    parts, recipe, shape, g = _random_quant(bits, group, seed=1000 * bits + 10 * group + T)
+    rows = torch.randperm(ROWS, generator=g)[:19] if use_rows else None
+    n = 19 if use_rows else ROWS
+    x = torch.randn(T, COLS, generator=g)
+    h = torch.randn(T, n, generator=g)
+    for op, inp in ((matmul, x), (matmul_t, h)):
+        ref = op(inp, parts, recipe, shape, rows, backend=Backend.TORCH)
+        got = op(inp, parts, recipe, shape, rows, backend=Backend.CPP)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert _rel_err(got, ref) < REL_TOL, f"{op.__name__} {recipe} T={T} rows={use_rows}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpp_dequant_is_bit_exact(cpp, bits):
+    parts, recipe, shape, g = _random_quant(bits, 64, seed=bits)
+    rows = torch.tensor([7, 0, 47, 7])
+    full = decode(parts, recipe, shape)
+    base = as_recipe(recipe)
+    assert torch.equal(compiled.dequantize(cpp, parts, base, COLS, None, "cpu"), full)
+    assert torch.equal(compiled.dequantize(cpp, parts, base, COLS, rows, "cpu"), full[rows])
+
+
+def test_large_t_path_in_several_blocks(cpp, monkeypatch):
+    monkeypatch.setattr(compiled, "_TILE_ELEMS", 1000)  # 32-row blocks: 48 rows -> 2 blocks
+    parts, recipe, shape, g = _random_quant(4, 32, seed=7)
+    rows = torch.randperm(ROWS, generator=g)[:40]
+    x, h = torch.randn(12, COLS, generator=g), torch.randn(12, 40, generator=g)
+    for op, inp, r in ((matmul, x, None), (matmul, x, rows), (matmul_t, h, rows)):
+        ref = op(inp, parts, recipe, shape, r, backend="torch")
+        assert _rel_err(op(inp, parts, recipe, shape, r, backend="cpp"), ref) < REL_TOL
+
+
+def test_encoded_lowrank_and_half_inputs(cpp):
+    """A real encode with a low-rank residual; bf16 input, result in bf16, AUTO picks CPP."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g)
+    recipe, shape = "q2g64+r8", (64, 256)
+    parts = encode(w, recipe)
+    dense = decode(parts, recipe, shape)
+    assert resolve_backend("auto", recipe, "cpu") is Backend.CPP
+    x = torch.randn(2, 256, generator=g)
+    rows = torch.tensor([3, 60, 9])
+    y = matmul(x, parts, recipe, shape, rows)
+    assert _rel_err(y, x @ dense[rows].T) < REL_TOL
+    h = torch.randn(2, 3, generator=g)
+    assert _rel_err(matmul_t(h, parts, recipe, shape, rows), h @ dense[rows]) < REL_TOL
+    yb = matmul(x.bfloat16(), parts, recipe, shape)
+    assert yb.dtype == torch.bfloat16
+    assert _rel_err(yb.float(), x.bfloat16().float() @ dense.T) < 1e-2  # bf16 output rounding
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp16+r4", "2:4+q4g32", "2:4+fp16"])
+def test_other_recipes_use_torch(recipe):
+    g = torch.Generator().manual_seed(5)
+    shape = (32, 128)
+    parts = encode(torch.randn(*shape, generator=g), recipe)
+    dense = decode(parts, recipe, shape)
+    x, rows = torch.randn(3, 128, generator=g), torch.tensor([31, 2])
+    assert _rel_err(matmul(x, parts, recipe, shape, rows), x @ dense[rows].T) < REL_TOL
+    h = torch.randn(3, 2, generator=g)
+    assert _rel_err(matmul_t(h, parts, recipe, shape, rows), h @ dense[rows]) < REL_TOL
+    if "2:4+q" in recipe:
+        assert resolve_backend("auto", recipe, "cpu") is Backend.TORCH
+        with pytest.raises(KernelUnavailableError, match="N:M"):
+            matmul(x, parts, recipe, shape, backend="cpp")
+
+
+def test_empty_rows_and_bad_rows():
+    parts, recipe, shape, _ = _random_quant(4, 32, seed=9)
+    x = torch.randn(2, COLS)
+    none = torch.tensor([], dtype=torch.long)
+    assert matmul(x, parts, recipe, shape, none).shape == (2, 0)
+    assert matmul_t(torch.randn(2, 0), parts, recipe, shape, none).shape == (2, COLS)
+    with pytest.raises(IndexError):
+        matmul(x, parts, recipe, shape, torch.tensor([ROWS]))
+    with pytest.raises(ValueError):
+        matmul(torch.randn(2, COLS + 1), parts, recipe, shape)
+
+
+def test_explicit_backend_errors(monkeypatch):
+    parts, recipe, shape, _ = _random_quant(4, 32, seed=11)
+    x = torch.randn(1, COLS)
+    with pytest.raises(KernelUnavailableError, match="cuda"):
+        matmul(x, parts, recipe, shape, backend="cuda")
+    with pytest.raises(KernelUnavailableError, match="unknown kernel backend"):
+        matmul(x, parts, recipe, shape, backend="tpu")
+    monkeypatch.setenv("MOEPACK_DISABLE_CPP", "1")
+    with pytest.raises(KernelUnavailableError, match="MOEPACK_DISABLE_CPP"):
+        matmul(x, parts, recipe, shape, backend=Backend.CPP)
+    assert resolve_backend("auto", recipe, "cpu") is Backend.TORCH
+
+
+def test_auto_falls_back_when_disabled_by_env():
+    """A fresh process with MOEPACK_DISABLE_CPP=1 never builds, picks TORCH, and refuses explicit CPP."""
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        warnings.simplefilter("error")
+        from moepack.errors import KernelUnavailableError
+        from moepack.kernels import Backend, matmul, resolve_backend
+        parts = {"codes": torch.randint(0, 256, (8, 64), dtype=torch.uint8),
+                 "scale": torch.full((8, 2), 0.01).half(), "zero": torch.full((8, 2), 7.0).half()}
+        assert resolve_backend("auto", "q4g64", "cpu") is Backend.TORCH
+        x = torch.randn(2, 128)
+        ref = matmul(x, parts, "q4g64", (8, 128), backend="torch")
+        assert torch.equal(matmul(x, parts, "q4g64", (8, 128)), ref)
+        try:
+            matmul(x, parts, "q4g64", (8, 128), backend="cpp")
+        except KernelUnavailableError as e:
+            assert "MOEPACK_DISABLE_CPP" in str(e)
+        else:
+            raise SystemExit("explicit CPP did not raise")
+        assert not any("moepack_cpu" in p for p in torch.ops.loaded_libraries)  # never built
+        print("ok")
+        """
+    )
+    env = {**os.environ, "MOEPACK_DISABLE_CPP": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_build_failure_is_reported_once_and_auto_falls_back(monkeypatch):
+    broken = CppExtension()
+
+    def fail() -> None:
+        raise RuntimeError("Error building extension 'moepack_cpu': x.cpp:1: error: no compiler today")
+
+    monkeypatch.setattr(broken, "_build", fail)
+    monkeypatch.setitem(ops._EXTENSIONS, Backend.CPP, broken)
+    monkeypatch.setitem(ops._REGISTRY, Backend.CPP, ops._compiled_impl(Backend.CPP, broken, "cpu"))
+    parts, recipe, shape, _ = _random_quant(2, 32, seed=13)
+    x = torch.randn(1, COLS)
+    with pytest.warns(RuntimeWarning, match="no compiler today") as record:
+        y = matmul(x, parts, recipe, shape)
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once: no second warning
+        assert torch.equal(matmul(x, parts, recipe, shape), y)
+    assert torch.equal(y, matmul(x, parts, recipe, shape, backend="torch"))
+    with pytest.raises(KernelUnavailableError, match="no compiler today"):
+        matmul(x, parts, recipe, shape, backend="cpp")

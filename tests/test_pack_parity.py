@@ -1,0 +1,128 @@
+"""Packs run by the runtime reproduce their source: lossless packs match transformers (an independent
+reference) to float tolerance; lossy packs match the pure-torch dequantised weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES
+
+from moepack.codecs import decode, parse_recipe
+from moepack.compress import compress
+from moepack.format import Pack, projection_parts
+from moepack.runtime.api import MoePackModel
+from moepack.runtime.model import DenseExpertExecutor, MoeModel
+
+PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely"
+
+
+@pytest.fixture(scope="module")
+def packs(baby, tmp_path_factory):
+    made = {}
+
+    def get(family: str, recipe: str | None = None):
+        key = (family, recipe)
+        if key not in made:
+            out = tmp_path_factory.mktemp("packs") / f"{family}-{recipe}.moepack"
+            made[key] = compress(str(baby(family)), out, recipe=recipe).path
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lossless_pack_matches_transformers(baby, packs, family):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(baby(family), dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    model = MoePackModel.load(packs(family), device="cpu")
+    ids = model.encode(PROMPT)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    got = model.logits(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    greedy_hf = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert model.generate(ids, max_new_tokens=8, stop_at_eos=False).tokens == greedy_hf
+
+
+def dequantised_reference(pack_path) -> MoeModel:
+    """The source architecture with experts replaced by the codec reference's decode of the pack."""
+    with Pack(pack_path) as pack:
+        weights = {}
+        for rec in pack.manifest.experts:
+            blob = pack.expert_blob(rec.layer, rec.expert)
+            weights[rec.key] = {p: decode(projection_parts(blob, r), parse_recipe(r.recipe), r.shape).clone()
+                                for p, r in rec.projections.items()}
+        dense = {t: pack.tensor(t).clone() for t in pack.tensor_records}
+        return MoeModel(pack.spec, dense, DenseExpertExecutor(weights))
+
+
+@pytest.mark.parametrize("family,recipe", [("mixtral", "q4g32"), ("qwen2_moe", "q2g64+r8"), ("olmoe", "2:4+q4g32"),
+                                           ("qwen3_moe", "q3g32")])
+def test_lossy_pack_matches_dequantised_reference(packs, family, recipe):
+    path = packs(family, recipe)
+    model = MoePackModel.load(path, device="cpu")
+    ids = model.encode(PROMPT)
+    want = dequantised_reference(path)(torch.tensor(ids))
+    got = model.logits(ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-4, rel  # fused kernels accumulate in another order: relative error, not bit equality
+
+
+@pytest.mark.parametrize("recipe", [None, "q4g32"])
+def test_budgeted_run_equals_unbudgeted_run_and_respects_slots(packs, recipe):
+    path = packs("mixtral", recipe)
+    free = MoePackModel.load(path, device="cpu")
+    ids = free.encode(PROMPT)
+    want = free.logits(ids)
+    with Pack(path) as p:
+        expert = max(e.nbytes for e in p.manifest.experts)
+        n_experts = len(p.manifest.experts)
+    for slots in (2, 5, n_experts):
+        probe = MoePackModel.load(path, device="cpu", vram="1TB", context=128)
+        fixed = probe.budget.dense_bytes + probe.budget.kv_bytes + probe.budget.workspace_bytes
+        model = MoePackModel.load(path, device="cpu", vram=fixed + slots * expert, context=128)
+        assert model.budget.slots == slots
+        cache = model.executor.cache
+        seen = []
+        real_allocate = cache.allocate
+
+        def allocate(key, nbytes, _real=real_allocate, _cache=cache):
+            out = _real(key, nbytes)
+            seen.append(len(_cache))
+            return out
+
+        cache.allocate = allocate
+        assert torch.equal(model.logits(ids), want)
+        assert max(seen) <= slots and len(cache) <= slots
+        if slots < n_experts:
+            assert cache.stats.evictions > 0 and cache.stats.misses > 0
+        gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
+        assert gen.tokens == free.generate(ids, max_new_tokens=6, stop_at_eos=False).tokens
+        assert gen.stats.bytes_moved_per_token >= 0 and 0 <= gen.stats.cache_hit_rate <= 1
+
+
+def test_too_small_budget_states_the_minimum(packs):
+    from moepack.errors import BudgetError
+
+    with pytest.raises(BudgetError, match=r"too small: it needs at least [0-9.]+ [KMG]iB"):
+        MoePackModel.load(packs("mixtral", "q4g32"), device="cpu", vram="1MB")
+
+
+def test_damaged_expert_is_reported_on_first_load(packs, tmp_path):
+    import shutil
+
+    from moepack.errors import ChecksumError
+
+    path = tmp_path / "bad.moepack"
+    shutil.copytree(packs("mixtral", "q4g32"), path)
+    with Pack(path) as p:
+        rec = p.manifest.experts[-1]
+        shard = path / p.manifest.shards[rec.shard].name
+    with open(shard, "r+b") as fh:
+        fh.seek(rec.offset + 100)
+        fh.write(b"\xff\xfe")
+    model = MoePackModel.load(path, device="cpu", vram="1TB")
+    with pytest.raises(ChecksumError, match=f"expert {rec.layer}.{rec.expert}"):
+        for rec_e in range(8):
+            model.executor.ensure((rec.layer, rec_e))
