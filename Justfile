@@ -10,6 +10,7 @@ demo:
     {{py}} -m moepack.testing.checkpoints mixtral {{example}}/checkpoint
     {{moepack}} compress {{example}}/checkpoint -o {{example}}/example.moepack --recipe q4g32 --force
     {{moepack}} inspect {{example}}/example.moepack
+    {{moepack}} run {{example}}/example.moepack --prompt "To be, or not to be" --max-new-tokens 24 --vram 64MB --context 256 --stats
 
 # The whole test suite (CPU; CUDA checks skip with a stated reason where no GPU is present).
 test *ARGS:
