@@ -50,6 +50,14 @@ def print_stats(console: Console, s) -> None:
     t.add_row("expert slots", slots)
     t.add_row("cache hit rate", f"{s.cache_hit_rate:.1%} ({s.cache_hits} hits, {s.cache_misses} misses)")
     t.add_row("bytes moved / token", format_size(s.bytes_moved_per_token))
+    if s.belady_bytes_per_token is not None:
+        t.add_row("optimal (Belady) bytes / token", f"{format_size(s.belady_bytes_per_token)} "
+                  f"(hit rate {s.belady_hit_rate:.1%} at {s.expert_slots} slots)")
+    if s.prefetch != "none":
+        p, r = s.prefetch_precision, s.prefetch_recall
+        pr = "no predictions" if p is None else f"precision {p:.1%}, recall {r:.1%}"
+        t.add_row(f"prefetch ({s.prefetch})", f"{pr}; {format_size(s.prefetch_bytes)} prefetched")
+    t.add_row("expert calls", str(s.expert_calls))
     t.add_row("stall", f"{s.stall_s * 1000:.1f} ms")
     t.add_row("peak RSS", format_size(s.peak_rss_bytes))
     if s.peak_device_bytes is not None:

@@ -17,10 +17,13 @@ import torch
 from moepack.errors import MoepackError
 from moepack.format import Pack
 from moepack.kernels import Backend
+from moepack.runtime.adaptive import parse_fraction
+from moepack.runtime.belady import belady
 from moepack.runtime.budget import BudgetPlan, plan_budget
-from moepack.runtime.cache import ExpertCache
+from moepack.runtime.cache import ExpertCache, make_policy
 from moepack.runtime.executor import StreamingExecutor
 from moepack.runtime.model import KVCache, MoeModel
+from moepack.runtime.prefetch import FatePrefetcher, parse_prefetch
 from moepack.runtime.sampling import TextStream, sample
 from moepack.runtime.stats import RunStats, peak_device_bytes, peak_rss_bytes
 from moepack.runtime.streamer import Streamer
@@ -53,19 +56,35 @@ class Generation:
 
 class MoePackModel:
     def __init__(self, pack: Pack, model: MoeModel, executor: StreamingExecutor, budget: BudgetPlan | None,
-                 tokenizer, context: int):
+                 tokenizer, context: int, prefetcher: FatePrefetcher | None = None):
         self.pack, self.model, self.executor, self.budget = pack, model, executor, budget
         self.tokenizer, self.context = tokenizer, context
+        self.prefetcher = prefetcher
         self.spec = model.spec
 
     @classmethod
     def load(cls, path: str | Path, *, vram: str | int | None = None, device: str = "auto", backend: str = "auto",
              cache_policy: str = "lru", dtype: torch.dtype | None = None, context: int = 2048,
-             verify: bool = True) -> MoePackModel:
+             verify: bool = True, prefetch: str = "none", prefetch_width: int | None = None,
+             adaptive_k: float | str | None = None, fallback: bool = True,
+             sparse_channels: float | str | None = None, partial_loads: bool = False) -> MoePackModel:
         """Open a pack. `vram` bounds dense weights + KV cache + workspace + expert slots on the device
-        (on the CPU it bounds the same in RAM); None keeps every expert available."""
+        (on the CPU it bounds the same in RAM); None keeps every expert available.
+
+        Each technique is switchable alone: `cache_policy` lru|lfu|fate (per-layer quotas favouring shallow
+        layers); `prefetch` none|fate (next-layer prediction; `prefetch_width` experts per token, default top-k);
+        `adaptive_k` off or a threshold in (0, 1] (big-little: a token whose little half of top-k carries that
+        share of its router weight runs only the little half; `fallback` also drops a missing big expert);
+        `sparse_channels` off or the kept fraction of intermediate channels (FloE; `partial_loads` moves only
+        up and the kept rows of gate/down on a miss instead of the whole expert)."""
+        prefetch = parse_prefetch(prefetch)
+        big_little = parse_fraction(adaptive_k, "adaptive-k")
+        sparse_keep = parse_fraction(sparse_channels, "sparse-channels")
         pack = Pack(path)
         spec = pack.spec
+        layers = list(spec.sparse_layer_ids)
+        if isinstance(cache_policy, str):
+            make_policy(cache_policy, slots=len(pack.manifest.experts), layers=layers)  # a bad name fails early
         dev = pick_device(device)
         dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
         kernel = Backend.parse(backend)
@@ -79,16 +98,18 @@ class MoePackModel:
                 None if vram is None else parse_size(vram), dense_bytes=dense_bytes,
                 kv_bytes=KVCache.bytes_per_token(spec, dtype) * context, workspace_bytes=workspace_bytes(spec, dtype),
                 slot_bytes=slot_bytes, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)
-            cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy)
+            cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy, layers=layers)
             streamer = Streamer(pack, dev, slot_bytes, verify=verify)
-        executor = StreamingExecutor(pack, cache, streamer, backend=kernel)
+        executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
+                                     sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev)
         model = MoeModel(spec, dense, executor, dtype=dtype, device=dev)
+        prefetcher = FatePrefetcher(model, executor, width=prefetch_width) if prefetch == "fate" else None
         tokenizer = None
         if "tokenizer.json" in pack.manifest.files:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(pack.file_path("tokenizer.json")))
-        return cls(pack, model, executor, budget, tokenizer, context)
+        return cls(pack, model, executor, budget, tokenizer, context, prefetcher)
 
     # -- tokens ------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -130,6 +151,7 @@ class MoePackModel:
             for i in range(0, len(ids), PREFILL_CHUNK):  # prefill
                 logits = self.model.forward(torch.tensor(ids[i:i + PREFILL_CHUNK]), cache, last_only=True)
             before_decode = self._bytes_moved()
+            self._trace_mark = len(self.executor.trace)
             t_decode = None
             for step in range(max_new_tokens):
                 token = sample(logits[-1], temperature=temperature, top_p=top_p, generator=gen)
@@ -160,11 +182,19 @@ class MoePackModel:
         cache = self.executor.cache
         self._base = (cache.stats.hits, cache.stats.misses, cache.stats.bytes_loaded) if cache else (0, 0, 0)
         self._stall0 = self.executor.stall_s
+        self._calls0 = self.executor.expert_calls
+        self._prefetch0 = (cache.stats.prefetch_bytes, cache.stats.prefetch_used, cache.stats.prefetch_wasted) \
+            if cache else (0, 0, 0)
+        self._trace_mark = None
+        self.executor.reset_counters()
+        if self.prefetcher is not None:
+            self.prefetcher.reset_counters()
         if self.model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.model.device)
         return RunStats(prompt_tokens=prompt_tokens, total_experts=len(self.pack.manifest.experts),
                         expert_slots=self.budget.slots if self.budget else None, device=str(self.model.device),
-                        backend=self.executor.backend.name)
+                        backend=self.executor.backend.name,
+                        prefetch="fate" if self.prefetcher is not None else "none")
 
     def _finish_stats(self, stats: RunStats) -> None:
         cache = self.executor.cache
@@ -173,5 +203,29 @@ class MoePackModel:
             stats.cache_misses = cache.stats.misses - self._base[1]
             stats.bytes_moved = cache.stats.bytes_loaded - self._base[2]
         stats.stall_s = self.executor.stall_s - self._stall0
+        ex = self.executor
+        stats.expert_calls = ex.expert_calls - self._calls0
+        if self.prefetcher is not None:
+            stats.prefetch_precision = self.prefetcher.score.precision
+            stats.prefetch_recall = self.prefetcher.score.recall
+        if cache is not None:
+            stats.prefetch_bytes = cache.stats.prefetch_bytes - self._prefetch0[0]
+            if self.prefetcher is not None or ex.big_little is not None:
+                stats.extra["prefetch_used"] = cache.stats.prefetch_used - self._prefetch0[1]
+                stats.extra["prefetch_wasted"] = cache.stats.prefetch_wasted - self._prefetch0[2]
+            nbytes = lambda key: ex.records[key].nbytes  # noqa: E731
+            whole = belady(ex.trace, cache.slots)
+            stats.belady_hit_rate = whole.hit_rate
+            mark = self._trace_mark if self._trace_mark is not None else len(ex.trace)
+            stats.belady_bytes_decode = belady(ex.trace, cache.slots, nbytes=nbytes, start=mark).bytes
+        tokens = max(ex.counts["tokens"], 1)
+        if ex.big_little is not None:
+            stats.extra["little_token_share"] = ex.counts["little_tokens"] / tokens
+            stats.extra["fallback_token_share"] = ex.counts["fallback_tokens"] / tokens
+        if ex.sparse_keep is not None and ex.counts["rows_total"]:
+            stats.extra["channels_computed"] = ex.counts["rows_kept"] / ex.counts["rows_total"]
+        if ex.partial_loads:
+            stats.extra["partial_loads"] = ex.counts["partial_loads"]
+            stats.extra["partial_bytes_saved"] = ex.counts["partial_bytes_saved"]
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.peak_device_bytes = peak_device_bytes(self.model.device)

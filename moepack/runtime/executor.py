@@ -1,12 +1,18 @@
 """The streaming expert executor: runs a layer's routed experts from the budgeted cache.
 
 Per layer: every needed expert that is resident is pinned, every missing one gets a slot and its load is
-issued at once (on CUDA they all stream while the resident ones compute), then the experts are computed
-in that order, each unpinned once done so a later load may reuse its slot."""
+issued at once (on CUDA they all stream while the resident ones compute); then the prefetch queue (experts
+predicted for the next layer, see runtime/prefetch.py) is issued into unpinned slots; then the experts are
+computed, resident ones first, each unpinned once done so a later load may reuse its slot. Outputs are summed
+in expert-id order whatever the compute order, so the cache state never changes the numbers.
+
+Optional adaptive execution (runtime/adaptive.py): big-little routing (`big_little` threshold) and FloE
+channel sparsity (`sparse_keep`), optionally with partial loads (only up and the kept rows of gate/down move)."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 from moepack.format import Pack, projection_parts
 from moepack.format.constants import PROJECTIONS
 from moepack.kernels import Backend, matmul, matmul_t
+from moepack.runtime.adaptive import big_little_mask, reweight, select_channels
 from moepack.runtime.cache import ExpertCache
 from moepack.runtime.streamer import Streamer
 
@@ -27,21 +34,49 @@ def expert_ffn(x: torch.Tensor, projs: dict, backend: Backend) -> torch.Tensor:
     return matmul_t(F.silu(g) * u, *projs["down"], backend=backend)  # [T, H]
 
 
+def sparse_ffn(x: torch.Tensor, projs: dict, backend: Backend, keep: float) -> tuple[torch.Tensor, int]:
+    """FloE: up(x) in full, then gate and down on the channels of largest |up| only. -> ([T, H], rows used)."""
+    u = matmul(x, *projs["up"], backend=backend)  # [T, I]
+    rows, mask = select_channels(u, keep)  # [n], [T, n] | None
+    h = F.silu(matmul(x, *projs["gate"], rows=rows, backend=backend)) * u[:, rows]  # [T, n]
+    if mask is not None:
+        h = h * mask
+    return matmul_t(h, *projs["down"], rows=rows, backend=backend), rows.numel()
+
+
+def _rowwise(name: str) -> bool:
+    return name != "lr_v"  # every part but the low-rank right factor has one row per channel
+
+
 class StreamingExecutor:
     def __init__(self, pack: Pack, cache: ExpertCache | None, streamer: Streamer | None, *,
-                 backend: Backend = Backend.AUTO):
+                 backend: Backend = Backend.AUTO, big_little: float | None = None, fallback: bool = True,
+                 sparse_keep: float | None = None, partial_loads: bool = False, device: torch.device | None = None):
         """With `cache=None` every expert is used in place from the mapped pack (CPU, no budget)."""
         self.pack, self.cache, self.streamer, self.backend = pack, cache, streamer, backend
         self.records = pack.expert_records
+        self.big_little, self.fallback = big_little, fallback
+        self.sparse_keep = sparse_keep
+        self.partial_loads = partial_loads and sparse_keep is not None and cache is not None
+        self.device = device if device is not None else (cache.device if cache is not None else torch.device("cpu"))
         self.pending: dict[Key, torch.cuda.Event] = {}
+        self.prefetch_queue: list[Key] = []  # issued after the current layer's own loads
+        self.prefetch_pins: list[Key] = []  # prefetched keys held until the next layer's experts are pinned
+        self.trace: list[Key] = []  # every demand access, in order (for the Belady bound)
         self.stall_s = 0.0  # time compute waited for transfers
         self.expert_calls = 0
+        self.counts: Counter[str] = Counter()  # tokens, little_tokens, fallback_tokens, rows_*, partial_*
+
+    def reset_counters(self) -> None:
+        self.trace.clear()
+        self.counts.clear()
 
     def _projections(self, key: Key, blob: torch.Tensor) -> dict:
         rec = self.records[key]
         return {p: (projection_parts(blob, rec.projections[p]), rec.projections[p].recipe, rec.projections[p].shape)
                 for p in PROJECTIONS}
 
+    # -- residency ---------------------------------------------------------------------------------------
     def ensure(self, key: Key) -> torch.Tensor:
         """The expert's blob on the compute device, issuing its load if it is not resident."""
         if self.cache is None:
@@ -51,9 +86,16 @@ class StreamingExecutor:
             return blob[: self.records[key].nbytes]
         return self.load(key)
 
-    def load(self, key: Key) -> torch.Tensor:
+    def _acquire(self, key: Key) -> torch.Tensor | None:
+        """Like ensure, but a miss under partial loads returns None: computed from the mapped pack, no slot."""
+        if self.partial_loads and key not in self.cache:
+            self.cache.lookup(key)  # counts the miss
+            return None
+        return self.ensure(key)
+
+    def load(self, key: Key, *, prefetch: bool = False) -> torch.Tensor:
         nbytes = self.records[key].nbytes
-        dst = self.cache.allocate(key, nbytes)
+        dst = self.cache.allocate(key, nbytes, prefetch=True) if prefetch else self.cache.allocate(key, nbytes)
         event = self.streamer.load(key, dst)
         if event is not None:
             self.pending[key] = event
@@ -68,33 +110,149 @@ class StreamingExecutor:
                 self.stall_s += time.perf_counter() - t0
             torch.cuda.current_stream().wait_event(event)
 
+    def queue_prefetch(self, keys: list[Key]) -> None:
+        self.prefetch_queue.extend(keys)
+
+    def _issue_prefetch(self) -> None:
+        """Load queued experts into unpinned slots (never evicting a pinned one or one just prefetched)."""
+        keys, self.prefetch_queue = self.prefetch_queue, []
+        cache = self.cache
+        if cache is None:
+            return
+        for key in dict.fromkeys(keys):
+            if cache.refresh(key):  # resident: keep it
+                continue
+            if len(cache.pinned) >= cache.slots:
+                break
+            self.load(key, prefetch=True)
+            cache.pinned.add(key)  # until the next layer has pinned what it uses
+            self.prefetch_pins.append(key)
+
+    def _release_prefetch_pins(self, keep: set[Key]) -> None:
+        for key in self.prefetch_pins:
+            if key not in keep:
+                self.cache.pinned.discard(key)
+        self.prefetch_pins = []
+
+    # -- big-little ----------------------------------------------------------------------------------------
+    def _route_big_little(self, layer: int, topk_ids: torch.Tensor,
+                          topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active [T, k] bool, weights [T, k]): little tokens drop their big-only slots; an important token
+        whose big-only expert is missing from the cache falls back to its little set, and the missing expert
+        is queued for prefetch (so the next token finds it)."""
+        little, active = big_little_mask(topk_weights, self.big_little)
+        kl = max(1, topk_ids.shape[1] // 2)
+        self.counts["little_tokens"] += int(little.sum())
+        if self.fallback and self.cache is not None and topk_ids.shape[1] > kl:
+            required = set(topk_ids[:, :kl].unique().tolist())
+            big = topk_ids[:, kl:]
+            optional = set(big[active[:, kl:]].unique().tolist()) - required
+            missing = [e for e in optional if (layer, e) not in self.cache]
+            if missing:
+                miss = torch.isin(big, torch.tensor(missing, device=big.device)) & active[:, kl:]
+                fall = miss.any(1)  # [T]
+                active[:, kl:] &= ~fall[:, None]
+                self.counts["fallback_tokens"] += int(fall.sum())
+                self.prefetch_queue[:0] = [(layer, e) for e in sorted(missing)]
+        return active, reweight(topk_weights, active)
+
+    # -- compute -------------------------------------------------------------------------------------------
+    def _compute(self, key: Key, blob: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if blob is None:
+            return self._compute_partial(key, x)
+        projs = self._projections(key, blob)
+        if self.sparse_keep is None:
+            return expert_ffn(x, projs, self.backend)
+        y, n = sparse_ffn(x, projs, self.backend, self.sparse_keep)
+        self.counts["rows_kept"] += n * x.shape[0]
+        self.counts["rows_total"] += projs["gate"][2][0] * x.shape[0]
+        return y
+
+    def _compute_partial(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        """A miss under partial loads: up moves whole; gate and down only for the kept rows (each contiguous
+        run of rows is one byte range per part). Nothing is cached."""
+        rec = self.records[key]
+        blob = self.pack.expert_blob(*key, verify=self.streamer.verify if self.streamer else True)
+        dev, moved = x.device, 0
+        up_rec = rec.projections["up"]
+        up = {k: v.to(dev) for k, v in projection_parts(blob, up_rec).items()}
+        moved += sum(p.nbytes for p in up_rec.parts)
+        u = matmul(x, up, up_rec.recipe, up_rec.shape, backend=self.backend)  # [T, I]
+        rows, mask = select_channels(u, self.sparse_keep)
+        rows_cpu = rows.cpu()
+        compact = {}
+        for p in ("gate", "down"):
+            prec = rec.projections[p]
+            parts = {}
+            for name, t in projection_parts(blob, prec).items():
+                part = t.index_select(0, rows_cpu) if _rowwise(name) else t
+                parts[name] = part.to(dev)
+                moved += part.numel() * part.element_size()
+            compact[p] = (parts, prec.recipe, (rows.numel(), prec.shape[1]))
+        self.pack.release(*key)
+        h = F.silu(matmul(x, *compact["gate"], backend=self.backend)) * u[:, rows]
+        if mask is not None:
+            h = h * mask
+        full = sum(p.nbytes for prec in rec.projections.values() for p in prec.parts)
+        self.cache.stats.bytes_loaded += moved
+        self.counts["partial_loads"] += 1
+        self.counts["partial_bytes"] += moved
+        self.counts["partial_bytes_saved"] += full - moved
+        self.counts["rows_kept"] += rows.numel() * x.shape[0]
+        self.counts["rows_total"] += up_rec.shape[0] * x.shape[0]
+        return matmul_t(h, *compact["down"], backend=self.backend)
+
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids/topk_weights [T, k] -> weighted sum of the routed experts' outputs [T, H]."""
-        out = torch.zeros_like(x)
-        experts = topk_ids.unique().tolist()
+        self.counts["tokens"] += x.shape[0]
+        active = None
+        if self.big_little is not None:
+            active, topk_weights = self._route_big_little(layer, topk_ids, topk_weights)
+            experts = sorted(topk_ids[active].unique().tolist())
+        else:
+            experts = sorted(topk_ids.unique().tolist())
+        self.trace.extend((layer, e) for e in experts)
         cache = self.cache
+        order = list(experts)
         if cache is not None:  # resident ones first: they compute while the missing ones stream in
-            experts.sort(key=lambda e: (layer, e) not in cache)
-        blobs: dict[int, torch.Tensor] = {}
-        for e in experts:  # pin hits and issue loads for as many misses as unpinned slots allow
+            order.sort(key=lambda e: (layer, e) not in cache)
+        blobs: dict[int, torch.Tensor | None] = {}
+        deferred = False
+        if self.prefetch_pins:  # resident ones are pinned below; unused predictions become evictable
+            self._release_prefetch_pins(keep={(layer, e) for e in order if (layer, e) in cache})
+        for e in order:  # pin hits and issue loads for as many misses as unpinned slots allow
             key = (layer, e)
             if cache is not None and len(cache.pinned) >= cache.slots:
+                deferred = True
                 break
-            blobs[e] = self.ensure(key)
-            if cache is not None:
+            blobs[e] = self._acquire(key)
+            if cache is not None and blobs[e] is not None:
                 cache.pinned.add(key)
-        for e in experts:
+        if deferred:
+            self.prefetch_queue.clear()  # no room: this layer's own experts come first
+        elif self.prefetch_queue:
+            self._issue_prefetch()
+        outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for e in order:
             key = (layer, e)
-            blob = blobs.pop(e, None)
-            if blob is None:
-                blob = self.ensure(key)
-                if cache is not None:
+            if e in blobs:
+                blob = blobs.pop(e)
+            else:
+                blob = self._acquire(key)
+                if cache is not None and blob is not None:
                     cache.pinned.add(key)
             self._wait(key)
-            tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-            y = expert_ffn(x[tok], self._projections(key, blob), self.backend)
-            out.index_add_(0, tok, (y * topk_weights[tok, slot, None]).to(out.dtype))
+            hit = topk_ids == e
+            if active is not None:
+                hit &= active
+            tok, slot = hit.nonzero(as_tuple=True)
+            y = self._compute(key, blob, x[tok])
+            outs[e] = (tok, y * topk_weights[tok, slot, None])
             self.expert_calls += 1
             if cache is not None:
                 cache.pinned.discard(key)
+        out = torch.zeros_like(x)
+        for e in experts:  # a fixed order: the same sums whatever was resident
+            tok, y = outs[e]
+            out.index_add_(0, tok, y.to(out.dtype))
         return out

@@ -32,6 +32,13 @@ class RunStats:
     total_experts: int = 0
     backend: str = ""
     device: str = ""
+    expert_calls: int = 0
+    prefetch: str = "none"
+    prefetch_precision: float | None = None  # per token, predicted vs routed experts of the next layer
+    prefetch_recall: float | None = None
+    prefetch_bytes: int = 0  # part of bytes_moved
+    belady_bytes_decode: int | None = None  # the optimal cache's bytes on this run's trace, same slots
+    belady_hit_rate: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -50,10 +57,19 @@ class RunStats:
         steps = self.tokens - 1
         return self.bytes_moved_decode / steps if steps > 0 else 0.0
 
+    @property
+    def belady_bytes_per_token(self) -> float | None:
+        """Lower bound of bytes_moved_per_token for this budget: Belady's MIN on the same routing trace."""
+        steps = self.tokens - 1
+        if self.belady_bytes_decode is None:
+            return None
+        return self.belady_bytes_decode / steps if steps > 0 else 0.0
+
     def to_json(self) -> dict:
         out = asdict(self)
         out.update(decode_tokens_per_s=self.decode_tokens_per_s, cache_hit_rate=self.cache_hit_rate,
-                   bytes_moved_per_token=self.bytes_moved_per_token)
+                   bytes_moved_per_token=self.bytes_moved_per_token,
+                   belady_bytes_per_token=self.belady_bytes_per_token)
         out.update(out.pop("extra"))
         return out
 

@@ -40,6 +40,8 @@ class Streamer:
         stage = self.staging[i][: src.numel()]
         stage.copy_(src)
         self.pack.release(*key)
+        # the slot may have held an expert whose compute is still queued on the main stream: wait for it
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             dst.copy_(stage, non_blocking=True)
             done = torch.cuda.Event()

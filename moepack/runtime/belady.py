@@ -1,0 +1,92 @@
+"""Belady's MIN: the optimal offline cache on a recorded trace of expert accesses, the lower bound on the
+misses (and so the bytes moved) of any policy with the same number of equal slots and no bypass.
+
+The executor records every demand access `(layer, expert)` in order (`StreamingExecutor.trace`). MIN evicts,
+on a miss with a full cache, the resident key whose next use is farthest away (never used again first)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+Key = tuple[int, int]
+NEVER = 1 << 62
+
+
+@dataclass(frozen=True)
+class BeladyResult:
+    accesses: int
+    misses: int
+    bytes: int  # bytes of the missed experts
+
+    @property
+    def hit_rate(self) -> float:
+        return 1.0 - self.misses / self.accesses if self.accesses else 1.0
+
+
+def next_uses(trace: Sequence[Key]) -> list[int]:
+    """For each position i, the position of the next access to trace[i] (NEVER if none)."""
+    nxt = [NEVER] * len(trace)
+    seen: dict[Key, int] = {}
+    for i in range(len(trace) - 1, -1, -1):
+        nxt[i] = seen.get(trace[i], NEVER)
+        seen[trace[i]] = i
+    return nxt
+
+
+def belady(trace: Sequence[Key], slots: int, *, nbytes: Callable[[Key], int] | None = None,
+           start: int = 0) -> BeladyResult:
+    """Misses of the optimal cache with `slots` slots on `trace`. With `start` > 0 only the accesses from
+    `start` on count, and the cache begins there holding, for free, the best `slots` of the keys accessed
+    before (those used again soonest): a lower bound for any demand-loading policy on that segment, however
+    it spent the prefix (e.g. the decode steps after a prefill)."""
+    if slots < 1:
+        raise ValueError("Belady needs at least one slot")
+    start = min(max(start, 0), len(trace))
+    nxt = next_uses(trace)
+    resident: dict[Key, int] = {}  # key -> its next use
+    heap: list[tuple[int, Key]] = []  # (-next use, key); stale entries skipped lazily
+    if start:
+        upcoming: dict[Key, int] = {}  # next use at or after `start` of every key seen before it
+        for i in range(start):
+            upcoming[trace[i]] = nxt[i]
+        for key, use in sorted(upcoming.items(), key=lambda kv: kv[1])[:slots]:
+            resident[key] = use
+            heapq.heappush(heap, (-use, key))
+    misses = moved = 0
+    for i in range(start, len(trace)):
+        key = trace[i]
+        if key not in resident:
+            misses += 1
+            moved += nbytes(key) if nbytes is not None else 0
+            if len(resident) >= slots:
+                while True:
+                    neg, victim = heapq.heappop(heap)
+                    if resident.get(victim) == -neg:
+                        del resident[victim]
+                        break
+        resident[key] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], key))
+    return BeladyResult(len(trace) - start, misses, moved)
+
+
+def simulate(trace: Sequence[Key], slots: int, policy: str = "lru", **kw) -> int:
+    """Misses of an online policy (moepack.runtime.cache) on the same trace, for comparison with MIN."""
+    from moepack.runtime.cache import make_policy
+
+    pol = make_policy(policy, slots=slots, **kw)
+    resident: set[Key] = set()
+    misses = 0
+    for key in trace:
+        if key in resident:
+            pol.touch(key)
+            continue
+        misses += 1
+        if len(resident) >= slots:
+            victim = pol.victim(list(resident), key)
+            resident.discard(victim)
+            pol.remove(victim)
+        resident.add(key)
+        pol.insert(key)
+    return misses

@@ -1,0 +1,97 @@
+"""Fate-style prefetch: predict the next sparse layer's experts from this layer's router input.
+
+At layer L's routing (a `route_hooks` entry: after L's attention, before L's experts run) the router input
+x [T, H] of layer L (the post-attention-normed hidden state) goes through the router of the next sparse layer
+L'; its top-`width` experts per token are queued on the executor, which loads them into unpinned slots right
+after issuing L's own loads (on CUDA asynchronously on the streamer's side stream, so they travel while L
+computes). Prefetching only moves bytes: it never changes which experts run or the numbers.
+
+Each prediction is scored when L' routes: per token, |predicted ∩ routed| over |predicted| (precision) and over
+|routed| (recall), summed over tokens (micro averages), per layer and in total."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moepack.errors import MoepackError
+
+PREFETCH_MODES = ("none", "fate")
+
+
+def parse_prefetch(mode: str | None) -> str:
+    mode = (mode or "none").strip().lower()
+    if mode in ("off", "no"):
+        mode = "none"
+    if mode not in PREFETCH_MODES:
+        raise MoepackError(f"unknown prefetch mode {mode!r}; choose one of {', '.join(PREFETCH_MODES)}")
+    return mode
+
+
+@dataclass
+class PredictionScore:
+    """Micro-averaged precision and recall of set predictions, in total and per predicted layer."""
+
+    hits: int = 0
+    predicted: int = 0
+    actual: int = 0
+    per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [hits, predicted, actual]
+
+    def add(self, layer: int, pred: torch.Tensor, actual: torch.Tensor) -> None:
+        """pred [T, w], actual [T, k] expert ids of the same T tokens."""
+        hits = int((pred[:, :, None] == actual[:, None, :]).any(-1).sum())
+        n_pred, n_act = pred.numel(), actual.numel()
+        self.hits += hits
+        self.predicted += n_pred
+        self.actual += n_act
+        row = self.per_layer.setdefault(layer, [0, 0, 0])
+        row[0] += hits
+        row[1] += n_pred
+        row[2] += n_act
+
+    @property
+    def precision(self) -> float | None:
+        return self.hits / self.predicted if self.predicted else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.hits / self.actual if self.actual else None
+
+    def layer_recall(self) -> dict[int, float]:
+        return {layer: (h / a if a else 0.0) for layer, (h, _, a) in self.per_layer.items()}
+
+
+class FatePrefetcher:
+    """Hooks a MoeModel's routing; predictions go to `executor.queue_prefetch` (when `issue` is set) and are
+    scored either way, so prediction quality can be measured without prefetching."""
+
+    def __init__(self, model, executor, *, width: int | None = None, issue: bool = True):
+        self.model, self.executor, self.issue = model, executor, issue
+        spec = model.spec
+        self.width = width or spec.top_k
+        layers = list(spec.sparse_layer_ids)
+        self.next_layer = {a: b for a, b in zip(layers, layers[1:], strict=False)}
+        self.predicted: dict[int, torch.Tensor] = {}
+        self.score = PredictionScore()
+        model.route_hooks.append(self.on_route)
+
+    def reset_counters(self) -> None:
+        self.score = PredictionScore()
+
+    def on_route(self, layer: int, x: torch.Tensor, logits: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> None:
+        pred = self.predicted.pop(layer, None)
+        if pred is not None and pred.shape[0] == topk_ids.shape[0]:
+            self.score.add(layer, pred, topk_ids)
+        nxt = self.next_layer.get(layer)
+        if nxt is None:
+            return
+        probs = torch.softmax(self.model.router_logits(nxt, x).float(), dim=-1)  # [T, E]
+        top = torch.topk(probs, self.width, dim=-1)  # [T, w]
+        self.predicted[nxt] = top.indices
+        if self.issue:  # most wanted first: predicted probability summed over the tokens
+            mass = torch.zeros(probs.shape[1], device=probs.device).index_add_(
+                0, top.indices.flatten(), top.values.flatten())
+            order = mass.argsort(descending=True, stable=True)[: int((mass > 0).sum())].tolist()
+            self.executor.queue_prefetch([(nxt, e) for e in order])

@@ -1,0 +1,129 @@
+"""Expert cache policies on hand-made access sequences, and Belady's MIN as their lower bound."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moepack.runtime.belady import belady, next_uses, simulate
+from moepack.runtime.cache import ExpertCache, FateQuota, quotas_from_recall, shallow_quotas
+
+
+def run(cache: ExpertCache, keys) -> list:
+    """Access keys in order (miss -> allocate); return the evicted keys in order."""
+    evicted = []
+    real = cache.evict
+
+    def evict(key):
+        evicted.append(key)
+        real(key)
+
+    cache.evict = evict
+    for k in keys:
+        if cache.lookup(k) is None:
+            cache.allocate(k, 8)
+        assert len(cache) <= cache.slots
+    return evicted
+
+
+def test_lru_evicts_least_recently_used():
+    c = ExpertCache(3, 8, "cpu", "lru")
+    ev = run(c, [(0, 0), (0, 1), (0, 2), (0, 0), (0, 3), (0, 4), (0, 0), (0, 5)])
+    assert ev == [(0, 1), (0, 2), (0, 3)]
+    assert c.stats.hits == 2 and c.stats.misses == 6 and c.stats.bytes_loaded == 48
+
+
+def test_lfu_evicts_least_frequently_used_ties_by_recency():
+    c = ExpertCache(2, 8, "cpu", "lfu")
+    ev = run(c, [(0, 0), (0, 0), (0, 1), (0, 2), (0, 1), (0, 0)])
+    # (0,2) arrives: (0,1) has 1 use vs (0,0) 2 -> evict (0,1); (0,1) again: (0,2)=1 use -> evict (0,2)
+    assert ev == [(0, 1), (0, 2)]
+
+
+def test_fate_quota_replaces_within_a_full_layer_and_takes_from_over_quota_layers():
+    pol = FateQuota({0: 2.0, 1: 1.0})
+    c = ExpertCache(3, 8, "cpu", pol)
+    ev = run(c, [(0, 0), (0, 1), (1, 0), (1, 1)])  # layer 1 at quota: its own LRU goes, not the older layer 0
+    assert ev == [(1, 0)]
+    ev = run(c, [(1, 2), (0, 2)])
+    # (1,2) replaces (1,1) (layer 1 full); (0,2): layer 0 at quota 2 -> its own LRU (0,0)
+    assert ev == [(1, 1), (0, 0)]
+
+
+def test_fate_quota_under_quota_layer_takes_from_over_quota_layer():
+    pol = FateQuota({0: 3.0, 1: 1.0})
+    c = ExpertCache(4, 8, "cpu", pol)
+    run(c, [(1, 0), (1, 1), (1, 2), (0, 0)])  # layer 1 holds 3 > quota 1
+    ev = run(c, [(0, 1)])  # layer 0 under quota: evict layer 1's LRU
+    assert ev == [(1, 0)]
+
+
+def test_quota_helpers_sum_to_slots_and_favour_shallow_layers():
+    q = shallow_quotas(30, [0, 1, 2, 3])
+    assert sum(q.values()) == pytest.approx(30) and q[0] > q[1] > q[2] > q[3] and q[0] == pytest.approx(2 * q[3])
+    r = quotas_from_recall(10, {0: 0.0, 1: 0.5, 2: 0.9})
+    assert sum(r.values()) == pytest.approx(10) and r[0] > r[1] > r[2]
+
+
+def test_pinned_keys_are_never_evicted_and_prefetch_counters():
+    c = ExpertCache(2, 8, "cpu", "lru")
+    c.allocate((0, 0), 8)
+    c.pinned.add((0, 0))
+    c.allocate((0, 1), 8, prefetch=True)
+    c.allocate((0, 2), 8)  # must evict (0,1), the only unpinned one: a wasted prefetch
+    assert (0, 0) in c and (0, 1) not in c
+    assert c.stats.prefetch_loads == 1 and c.stats.prefetch_wasted == 1
+    c.pinned.add((0, 2))
+    with pytest.raises(RuntimeError, match="pinned"):
+        c.allocate((0, 3), 8)
+    c.pinned.clear()
+    c.allocate((0, 3), 8, prefetch=True)
+    assert c.lookup((0, 3)) is not None and c.stats.prefetch_used == 1
+
+
+def test_prefetched_keys_enter_as_next_victim():
+    c = ExpertCache(3, 8, "cpu", "lru")
+    run(c, [(0, 0), (0, 1)])
+    c.allocate((1, 0), 8, prefetch=True)
+    ev = run(c, [(0, 2)])
+    assert ev == [(1, 0)]  # a wrong prediction displaces no useful expert
+
+
+def test_belady_textbook_sequence():
+    # the classic reference string 7 0 1 2 0 3 0 4 2 3 0 3 2 1 2 0 1 7 0 1 with 3 frames: 9 faults (OPT)
+    refs = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
+    trace = [(0, r) for r in refs]
+    assert belady(trace, 3).misses == 9
+    assert simulate(trace, 3, "lru") == 12  # LRU: 12 faults (same textbook)
+    assert belady(trace, 4).misses == 8
+    res = belady(trace, 3, nbytes=lambda k: 10, start=10)
+    assert res.accesses == 10 and res.bytes == 10 * res.misses
+
+
+def test_next_uses():
+    assert next_uses([(0, 1), (0, 2), (0, 1)]) == [2, 1 << 62, 1 << 62]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_belady_never_worse_than_online_policies(seed):
+    rng = random.Random(seed)
+    layers, experts = 4, 8
+    trace = []
+    for _ in range(200):  # tokens: top-2 of a skewed distribution per layer
+        for layer in range(layers):
+            picks = set()
+            while len(picks) < 2:
+                picks.add(min(int(rng.expovariate(0.4)), experts - 1))
+            trace += [(layer, e) for e in sorted(picks)]
+    for slots in (2, 5, 9, 16, 32):
+        opt = belady(trace, slots).misses
+        for pol in ("lru", "lfu", "fate"):
+            assert opt <= simulate(trace, slots, pol, layers=list(range(layers))), (slots, pol)
+    assert belady(trace, layers * experts).misses == layers * experts  # compulsory only
+
+
+def test_cache_buffer_is_fixed():
+    c = ExpertCache(4, 16, "cpu")
+    assert c.buffer.shape == (4, 16) and c.buffer.dtype == torch.uint8

@@ -1,0 +1,133 @@
+"""Prefetch, cache policies, big-little and FloE sparsity on a real (baby) pack: which ones keep the numbers
+exact, which change the compute as intended, and the run statistics they report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moepack.compress import compress
+from moepack.runtime.api import MoePackModel
+from moepack.runtime.belady import belady
+
+PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate"
+
+
+@pytest.fixture(scope="module")
+def pack(baby, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "mixtral-q4.moepack"
+    return compress(str(baby("mixtral")), out, recipe="q4g32").path
+
+
+@pytest.fixture(scope="module")
+def exact(pack):
+    free = MoePackModel.load(pack, device="cpu")
+    ids = free.encode(PROMPT)
+    return ids, free.logits(ids), free.generate(ids, max_new_tokens=6, stop_at_eos=False).tokens
+
+
+def budgeted(pack, slots: int, **kw) -> MoePackModel:
+    probe = MoePackModel.load(pack, device="cpu", vram="1TB", context=128)
+    b = probe.budget
+    model = MoePackModel.load(pack, device="cpu", vram=b.dense_bytes + b.kv_bytes + b.workspace_bytes
+                              + slots * b.slot_bytes, context=128, **kw)
+    assert model.budget.slots == slots
+    return model
+
+
+def watch_slots(model) -> list[int]:
+    cache, seen = model.executor.cache, []
+    real = cache.allocate
+
+    def allocate(key, nbytes, **kw):
+        out = real(key, nbytes, **kw)
+        seen.append(len(cache))
+        return out
+
+    cache.allocate = allocate
+    return seen
+
+
+@pytest.mark.parametrize("kw", [dict(prefetch="fate"), dict(prefetch="fate", cache_policy="fate"),
+                                dict(cache_policy="lfu"), dict(cache_policy="fate"),
+                                dict(adaptive_k="off", sparse_channels="off")])
+@pytest.mark.parametrize("slots", [3, 8])
+def test_prefetch_and_policies_never_change_the_numbers(pack, exact, kw, slots):
+    ids, want, want_tokens = exact
+    model = budgeted(pack, slots, **kw)
+    seen = watch_slots(model)
+    assert torch.equal(model.logits(ids), want)
+    gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    assert gen.tokens == want_tokens
+    assert max(seen) <= slots and len(model.executor.cache) <= slots
+    s = gen.stats
+    if kw.get("prefetch") == "fate":
+        assert 0 <= s.prefetch_precision <= 1 and 0 <= s.prefetch_recall <= 1
+        assert s.prefetch_bytes > 0 and s.to_json()["prefetch_precision"] == s.prefetch_precision
+
+
+def test_stats_include_the_belady_bound_and_it_bounds_lru(pack, exact):
+    ids, _, _ = exact
+    model = budgeted(pack, 4)
+    gen = model.generate(ids, max_new_tokens=8, stop_at_eos=False)
+    s = gen.stats
+    assert s.belady_bytes_per_token is not None
+    assert s.belady_bytes_per_token <= s.bytes_moved_per_token
+    assert s.belady_hit_rate >= s.cache_hit_rate
+    trace = model.executor.trace
+    assert len(trace) == s.expert_calls == s.cache_hits + s.cache_misses
+    assert belady(trace, 4).misses <= s.cache_misses
+    data = s.to_json()
+    for key in ("belady_bytes_per_token", "belady_hit_rate", "prefetch_precision", "expert_calls"):
+        assert key in data
+
+
+def test_big_little_runs_fewer_experts(pack, exact):
+    ids, want, _ = exact
+    plain = MoePackModel.load(pack, device="cpu")
+    plain.logits(ids)
+    calls = plain.executor.expert_calls
+    little = MoePackModel.load(pack, device="cpu", adaptive_k=0.05)  # top-1 always carries >= 5%: all little
+    got = little.logits(ids)
+    assert little.executor.counts["little_tokens"] == little.executor.counts["tokens"]
+    assert little.executor.expert_calls < calls
+    assert not torch.equal(got, want)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9
+    never = MoePackModel.load(pack, device="cpu", adaptive_k=1.0)  # share never reaches 1: nothing dropped
+    assert torch.equal(never.logits(ids), want)
+
+
+def test_big_little_falls_back_when_a_big_expert_is_missing(pack, exact):
+    ids, want, _ = exact
+    model = budgeted(pack, 3, adaptive_k=1.0)  # nobody is little by the signal; only fallbacks drop experts
+    model.logits(ids[:1])
+    gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    assert model.executor.counts["fallback_tokens"] > 0
+    assert gen.stats.extra["fallback_token_share"] > 0
+    strict = budgeted(pack, 3, adaptive_k=1.0, fallback=False)
+    assert torch.equal(strict.logits(ids), want)
+
+
+def test_sparse_channels_compute_fewer_rows(pack, exact):
+    ids, want, _ = exact
+    model = MoePackModel.load(pack, device="cpu", sparse_channels=0.5)
+    model.generate(ids[:4], max_new_tokens=4, stop_at_eos=False)
+    counts = model.executor.counts
+    assert counts["rows_kept"] < counts["rows_total"]
+    got = model.logits(ids)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9
+    one = MoePackModel.load(pack, device="cpu", sparse_channels=1.0)
+    assert (one.logits(ids) - want).abs().max().item() < 1e-4  # all channels: only summation order differs
+
+
+def test_partial_loads_move_fewer_bytes_with_the_same_numbers(pack, exact):
+    ids, _, _ = exact
+    whole = budgeted(pack, 3, sparse_channels=0.5)
+    part = budgeted(pack, 3, sparse_channels=0.5, partial_loads=True)
+    a = whole.logits(ids)
+    b = part.logits(ids)
+    assert (a - b).abs().max().item() < 1e-4
+    g = part.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert g.stats.extra["partial_bytes_saved"] > 0 and g.stats.extra["partial_loads"] > 0
+    per_miss = g.stats.bytes_moved / g.stats.cache_misses
+    assert per_miss < max(e.nbytes for e in part.pack.manifest.experts)
