@@ -1,0 +1,431 @@
+"""The throughput planner: a small hardware model that predicts tokens/s of the multi-batch pipeline and
+chooses the number of batches, the slot split and the hot experts kept resident (docs/planning.md).
+
+Per sparse layer and step with t tokens in flight (each token routes to e with probability q_e, from a
+routing trace or the manifest's profiled frequencies, uniform k/E otherwise):
+
+    U = sum_e 1 - (1 - q_e)^t                    experts needed (each loaded once per layer step)
+    M = sum_{e not hot} p_e (1 - r p_e)          of those, misses, p_e = 1 - (1 - q_e)^t: an expert the
+                                                 last step also needed is still resident with probability
+                                                 r = min(1, streaming slots / W), W = sum over layers of the
+                                                 streamed experts one step needs (LRU over a layer scan)
+    C = U * expert_fixed + t*k * expert_token + t * dense_token + dense_fixed   compute
+    X = M * expert_bytes / link                                          transfer
+    layer = max(C, X) + (1 - overlap) * min(C, X)     pipelined (>= 2 streaming slots)
+          = C + X                                     not pipelined (the plain runtime on the CPU)
+    stall = layer - C
+
+A step adds t * head_token (final norm, lm_head, sampling) and the dense layers. A run is simulated step by
+step with the engine's own scheduler (queue, one prefill chunk per step, continuous refill), so prefill,
+tails and the batches that ride along a prefill step are all counted.
+
+Light on purpose: numpy and torch only (measurement), no scipy."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+PREFILL_CHUNK = 256
+BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    link_gbps: float  # GB/s (1e9 bytes) from the pack into expert slots
+    expert_fixed_s: float  # one expert FFN call regardless of tokens (reading/decoding its weights)
+    expert_token_s: float  # each token routed to an expert
+    dense_token_s: float  # dense parts of one layer (norms, attention, router, shared expert) per token
+    head_token_s: float  # final norm + lm_head + sampling per token
+    overlap: float = 1.0  # share of min(compute, transfer) hidden under the other when pipelined
+    dense_fixed_s: float = 0.0  # dense parts of one layer per step regardless of tokens (dispatch, weight reads)
+    source: str = "given"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    sparse_layers: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    expert_bytes: int  # one expert's payload (one slot)
+    dense_bytes: int  # resident dense weights in the runtime dtype
+    kv_bytes_per_token: int  # one sequence
+    workspace_bytes: int
+    probs: tuple[tuple[float, ...], ...] = ()  # q_e per sparse layer; () = uniform k/E
+    probs_source: str = "uniform"
+
+    @property
+    def total_experts(self) -> int:
+        return self.sparse_layers * self.num_experts
+
+    def layer_probs(self) -> list[np.ndarray]:
+        if self.probs:
+            return [np.clip(np.asarray(p, np.float64), 0.0, 1.0) for p in self.probs]
+        return [np.full(self.num_experts, self.top_k / self.num_experts)] * self.sparse_layers
+
+    @classmethod
+    def from_pack(cls, pack, *, trace=None, dtype: torch.dtype = torch.float32) -> ModelShape:
+        from moepack.runtime.api import workspace_bytes
+        from moepack.runtime.model import KVCache
+        from moepack.runtime.routing_trace import manifest_trace
+
+        spec = pack.spec
+        src = "trace"
+        if trace is None or trace.total_tokens == 0:
+            trace, src = manifest_trace(pack), "manifest"
+        probs: tuple = ()
+        if trace is not None and trace.total_tokens > 0:
+            probs = tuple(tuple(float(v) for v in trace.token_probs(layer)) for layer in trace.layers)
+        else:
+            src = "uniform"
+        dense = sum(math.prod(t.shape) for t in pack.manifest.tensors) * dtype.itemsize
+        return cls(name=pack.path.name, num_layers=spec.num_layers, sparse_layers=len(spec.sparse_layer_ids),
+                   num_experts=spec.num_experts, top_k=spec.top_k, hidden=spec.hidden_size,
+                   intermediate=spec.moe_intermediate_size,
+                   expert_bytes=max(e.nbytes for e in pack.manifest.experts), dense_bytes=dense,
+                   kv_bytes_per_token=KVCache.bytes_per_token(spec, dtype), workspace_bytes=workspace_bytes(spec, dtype),
+                   probs=probs, probs_source=src)
+
+    @classmethod
+    def mixtral_8x7b(cls, *, bits_per_weight: float = 16.0, kv_dtype_bytes: int = 2) -> ModelShape:
+        """Published Mixtral-8x7B shapes: 32 layers, 8 experts, top-2, hidden 4096, intermediate 14336,
+        8 KV heads of 128, vocab 32000; 45.1e9 expert and 1.6e9 dense parameters (dense kept in bf16)."""
+        h, i, layers, e = 4096, 14336, 32, 8
+        expert = int(3 * h * i * bits_per_weight / 8)
+        dense_params = layers * (2 * h * h + 2 * h * 1024 + h * e + 2 * h) + 2 * 32000 * h + h
+        return cls(name=f"Mixtral-8x7B ({bits_per_weight:g} bits/weight experts)", num_layers=layers,
+                   sparse_layers=layers, num_experts=e, top_k=2, hidden=h, intermediate=i, expert_bytes=expert,
+                   dense_bytes=dense_params * 2, kv_bytes_per_token=2 * layers * 8 * 128 * kv_dtype_bytes,
+                   workspace_bytes=256 << 20)
+
+
+@dataclass
+class Prediction:
+    batches: int
+    slots: int
+    hot: int
+    pipelined: bool
+    tokens_per_s: float  # decode, steady state
+    step_s: float  # one decode step (every batch +1 token)
+    compute_s: float  # per step
+    transfer_s: float  # per step
+    stall_s: float  # per step: time compute waits for transfers
+    loads_per_step: float
+    bytes_per_token: float
+    run_s: float | None = None  # a simulated whole run (prefill included), when prompts were given
+    run_tokens_per_s: float | None = None
+    mean_latency_s: float | None = None
+    memory: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- the cost model -----------------------------------------------------------------------------------
+def hot_set(shape: ModelShape, hot: int, tokens: int) -> list[tuple[int, int]]:
+    """The `hot` (sparse layer index, expert) pairs most likely to be needed in a step of `tokens` tokens."""
+    if hot <= 0:
+        return []
+    scored = [(1 - (1 - q) ** tokens, li, e) for li, qs in enumerate(shape.layer_probs()) for e, q in enumerate(qs)]
+    scored.sort(reverse=True)
+    return [(li, e) for _, li, e in scored[:hot]]
+
+
+def layer_times(shape: ModelShape, hw: Hardware, tokens: int, hot: set, *, pipelined: bool,
+                all_resident: bool = False, streaming_slots: int | None = None) -> tuple[float, float, float, float]:
+    """(time, compute, transfer, loads) over the layers for one step of `tokens` tokens (head excluded)."""
+    per_load = shape.expert_bytes / (hw.link_gbps * 1e9)
+    needs = [1 - (1 - qs) ** tokens for qs in shape.layer_probs()]
+    cold = [np.array([p for e, p in enumerate(need) if (li, e) not in hot]) for li, need in enumerate(needs)]
+    working = sum(float(c.sum()) for c in cold)  # distinct streamed experts one step touches
+    keep = 0.0 if streaming_slots is None or working <= 0 else min(1.0, streaming_slots / working)
+    total = comp = xfer = loads = 0.0
+    for need, c_need in zip(needs, cold, strict=True):
+        u = float(need.sum())
+        m = 0.0 if all_resident else float((c_need * (1 - keep * c_need)).sum())
+        c = (u * hw.expert_fixed_s + tokens * shape.top_k * hw.expert_token_s + tokens * hw.dense_token_s
+             + hw.dense_fixed_s)
+        x = m * per_load
+        t = max(c, x) + (1 - hw.overlap) * min(c, x) if pipelined else c + x
+        total, comp, xfer, loads = total + t, comp + c, xfer + x, loads + m
+    extra = (shape.num_layers - shape.sparse_layers) * (tokens * hw.dense_token_s + hw.dense_fixed_s)  # dense MLPs
+    return total + extra, comp + extra, xfer, loads
+
+
+def slots_for(shape: ModelShape, vram: int | None, batches: int, context: int) -> int:
+    """Expert slots left by a budget once dense weights, `batches` KV caches and the workspace are in."""
+    if vram is None:
+        return shape.total_experts
+    fixed = shape.dense_bytes + batches * context * shape.kv_bytes_per_token + shape.workspace_bytes
+    return int(max(0, min(shape.total_experts, (vram - fixed) // shape.expert_bytes)))
+
+
+def predict(shape: ModelShape, hw: Hardware, *, batches: int, slots: int, hot: int = 0, pipelined: bool = True,
+            prompts: list[int] | None = None, max_new_tokens: int = 64) -> Prediction:
+    """Steady-state decode prediction; with `prompts` (their lengths) also a simulated whole run."""
+    streaming = slots - hot
+    pipe = pipelined and streaming >= 2
+    resident = slots >= shape.total_experts
+    hs = set(hot_set(shape, hot, batches))
+    t, c, x, loads = layer_times(shape, hw, batches, hs, pipelined=pipe, all_resident=resident,
+                                 streaming_slots=streaming)
+    head = batches * hw.head_token_s
+    t, c = t + head, c + head
+    pred = Prediction(batches=batches, slots=slots, hot=hot, pipelined=pipe, tokens_per_s=batches / t, step_s=t,
+                      compute_s=c, transfer_s=x, stall_s=max(0.0, t - c), loads_per_step=loads,
+                      bytes_per_token=loads * shape.expert_bytes / batches)
+    if prompts:
+        pred.run_s, pred.mean_latency_s = simulate_run(shape, hw, prompts, max_new_tokens, batches, hs,
+                                                       pipelined=pipe, resident=resident, streaming_slots=streaming)
+        pred.run_tokens_per_s = len(prompts) * max_new_tokens / pred.run_s
+    return pred
+
+
+def simulate_run(shape: ModelShape, hw: Hardware, prompts: list[int], max_new_tokens: int, batches: int,
+                 hot: set, *, pipelined: bool, resident: bool = False,
+                 streaming_slots: int | None = None) -> tuple[float, float]:
+    """(total seconds, mean per-prompt latency) following the engine's scheduler step by step."""
+    queue = deque(range(len(prompts)))
+    active: list[list[int]] = []  # [index, prompt tokens left, tokens generated]
+    now, latencies, first = 0.0, [], True
+    while queue or active:
+        while queue and len(active) < batches:
+            i = queue.popleft()
+            active.append([i, prompts[i], 0])
+        tokens, stepping, prefills = 0, [], 0
+        for s in active:
+            if s[1] > 0:
+                if prefills:
+                    continue
+                prefills += 1
+                n = min(PREFILL_CHUNK, s[1])
+                s[1] -= n
+                tokens += n
+                stepping.append((s, n == 0 or s[1] == 0))
+            else:
+                tokens += 1
+                stepping.append((s, True))
+        t, *_ = layer_times(shape, hw, tokens, hot, pipelined=pipelined, all_resident=resident and not first,
+                            streaming_slots=streaming_slots)
+        first = False
+        now += t + len(stepping) * hw.head_token_s
+        for s, emits in stepping:
+            if emits:
+                s[2] += 1
+        for s in [s for s in active if s[2] >= max_new_tokens]:
+            active.remove(s)
+            latencies.append(now)
+    return now, sum(latencies) / len(latencies)
+
+
+@dataclass
+class Plan:
+    best: Prediction
+    table: list[Prediction]
+    hardware: Hardware
+    shape: ModelShape
+    reason: str
+
+    def to_json(self) -> dict:
+        s = asdict(self.shape)
+        s.pop("probs")
+        return {"batches": self.best.batches, "slots": self.best.slots, "hot_experts": self.best.hot,
+                "streaming_slots": self.best.slots - self.best.hot,
+                "predicted_tokens_per_s": self.best.tokens_per_s, "reason": self.reason,
+                "time_per_step": {"compute_s": self.best.compute_s, "transfer_s": self.best.transfer_s,
+                                  "stall_s": self.best.stall_s, "step_s": self.best.step_s},
+                "best": self.best.to_json(), "candidates": [p.to_json() for p in self.table],
+                "hardware": self.hardware.to_json(), "model": s}
+
+
+def _rate(p: Prediction) -> float:
+    return p.run_tokens_per_s if p.run_tokens_per_s is not None else p.tokens_per_s
+
+
+def choose(shape: ModelShape, hw: Hardware, vram: int | None, *, context: int = 2048,
+           candidates: tuple[int, ...] = BATCH_CANDIDATES, within: float = 0.95,
+           prompts: list[int] | None = None, max_new_tokens: int = 64) -> Plan:
+    """Best (batches, hot) under the budget: the fewest batches within `within` of the best tokens/s
+    (more batches only pay while they still raise throughput: they cost latency and KV memory)."""
+    table: list[Prediction] = []
+    for n in candidates:
+        slots = slots_for(shape, vram, n, context)
+        if slots < shape.top_k:
+            continue
+        best_n = None
+        for hot in sorted({0, slots // 4, slots // 2, max(0, slots - 2)}):
+            if slots - hot < min(2, slots):
+                continue
+            p = predict(shape, hw, batches=n, slots=slots, hot=hot, prompts=prompts, max_new_tokens=max_new_tokens)
+            p.memory = {"dense": shape.dense_bytes, "kv": n * context * shape.kv_bytes_per_token,
+                        "workspace": shape.workspace_bytes, "experts": slots * shape.expert_bytes}
+            if best_n is None or _rate(p) > _rate(best_n) * 1.001:
+                best_n = p
+        if best_n is not None:
+            table.append(best_n)
+    if not table:
+        from moepack.errors import BudgetError
+
+        raise BudgetError(f"the budget leaves fewer than {shape.top_k} expert slots even with one batch")
+    top = max(_rate(p) for p in table)
+    best = next(p for p in table if _rate(p) >= within * top)
+    bound = "transfer" if best.transfer_s > best.compute_s else "compute"
+    reason = (f"{best.batches} batches reach {_rate(best) / top:.0%} of the best predicted tokens/s "
+              f"({top:.3g}); {bound}-bound at that point")
+    return Plan(best, table, hw, shape, reason)
+
+
+# --- measuring this machine ---------------------------------------------------------------------------------
+def _median(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_link(pack, device: torch.device, *, experts: int = 8, repeats: int = 3) -> float:
+    """GB/s of expert blobs moved from the mapped pack into a slot as the streamer does it (CPU: one copy
+    from the mapped pages, which are then dropped; CUDA: pinned staging + host-to-device copy)."""
+    keys = list(pack.expert_records)[:: max(1, len(pack.expert_records) // experts)][:experts]
+    nbytes = max(pack.expert_records[k].nbytes for k in keys)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+    def once() -> None:
+        for k in keys:
+            src = pack.expert_blob(*k)
+            if device.type == "cuda":
+                stage[: src.numel()].copy_(src)
+                dst[: src.numel()].copy_(stage[: src.numel()], non_blocking=True)
+            else:
+                dst[: src.numel()].copy_(src)
+            pack.release(*k)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    once()
+    moved = sum(pack.expert_records[k].nbytes for k in keys)
+    return moved / _median(once, repeats) / 1e9
+
+
+def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float | None = None,
+                     mem_gbps: float | None = None, repeats: int = 5) -> Hardware:
+    """Measure (or take) the hardware numbers for a loaded MoePackModel `pm`."""
+    from moepack.runtime.executor import expert_ffn
+
+    model, pack, spec = pm.model, pm.pack, pm.spec
+    dev = model.device
+    key = next(iter(pack.expert_records))
+    blob = pack.expert_blob(*key).to(dev)
+    projs = pm.executor._projections(key, blob)
+    backend = pm.executor.backend
+    sources = []
+    if link_gbps is None:
+        link_gbps = measure_link(pack, dev)
+        sources.append("link measured")
+    h, i = spec.hidden_size, spec.moe_intermediate_size
+    if device_tflops is not None:
+        flops = device_tflops * 1e12
+        token = 6 * h * i / flops
+        fixed = pack.expert_records[key].nbytes / (mem_gbps * 1e9) if mem_gbps else 0.0
+        dense_params = sum(math.prod(t.shape) for t in pack.manifest.tensors) / max(1, spec.num_layers)
+        dense_token, head_token = 2 * dense_params / flops, 2 * h * spec.vocab_size / flops
+        dense_fixed = 0.0
+        sources.append("compute from --device-tflops")
+    else:
+        x1, x8 = torch.randn(1, h, device=dev), torch.randn(8, h, device=dev)
+        expert_ffn(x8, projs, backend)
+        t1 = _median(lambda: expert_ffn(x1, projs, backend), repeats)
+        t8 = _median(lambda: expert_ffn(x8, projs, backend), repeats)
+        token = max(0.0, (t8 - t1) / 7)
+        fixed = max(0.0, t1 - token)
+        dense_fixed, dense_token, head_token = _measure_dense(pm, repeats)
+        sources.append("compute measured")
+    overlap = 1.0 if dev.type == "cuda" else _measure_overlap(pm, projs, backend)
+    return Hardware(link_gbps=link_gbps, expert_fixed_s=fixed, expert_token_s=token, dense_token_s=dense_token,
+                    head_token_s=head_token, overlap=overlap, dense_fixed_s=dense_fixed, source=", ".join(sources))
+
+
+class _ZeroExperts:
+    def forward(self, layer, x, topk_ids, topk_weights):
+        return torch.zeros_like(x)
+
+
+def _measure_dense(pm, repeats: int) -> tuple[float, float, float]:
+    """(dense seconds per layer per step, per token per layer, head seconds per token) from decoding 1 and 8
+    tokens with the experts stubbed out."""
+    model = pm.model
+    saved = model.executor
+    model.executor = _ZeroExperts()
+    try:
+        cache = model.new_cache(capacity=64)
+        model.forward(torch.arange(2, 34) % model.spec.vocab_size, cache)
+
+        def step(t: int) -> None:
+            model.forward(torch.arange(3, 3 + t) % model.spec.vocab_size, cache)
+            cache.crop(32)
+
+        step(8)
+        t1 = _median(lambda: step(1), repeats)
+        t8 = _median(lambda: step(8), repeats)
+        h = torch.randn(1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
+        head = _median(lambda: int((h @ model.lm_head.T).argmax()), repeats)
+    finally:
+        model.executor = saved
+    layers = model.spec.num_layers
+    token = max(0.0, (t8 - t1) / 7 - head) / layers
+    fixed = max(0.0, t1 - head) / layers - token
+    return max(0.0, fixed), token, head
+
+
+def _measure_overlap(pm, projs, backend, seconds: float = 0.3) -> float:
+    """Share of the shorter of (expert compute, expert copy) that hides under the other when a copy thread
+    runs beside compute on this machine (1: perfect overlap, 0: they serialise)."""
+    from moepack.runtime.executor import expert_ffn
+
+    pack = pm.pack
+    keys = list(pack.expert_records)
+    nbytes = max(pack.expert_records[k].nbytes for k in keys)
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    x = torch.randn(1, pm.spec.hidden_size)
+
+    def copies(n: int) -> None:
+        for j in range(n):
+            k = keys[j % len(keys)]
+            src = pack.expert_blob(*k)
+            dst[: src.numel()].copy_(src)
+            pack.release(*k)
+
+    def computes(n: int) -> None:
+        for _ in range(n):
+            expert_ffn(x, projs, backend)
+
+    t_c1 = _median(lambda: computes(1), 3)
+    t_x1 = _median(lambda: copies(1), 3)
+    nc = max(1, int(seconds / max(t_c1, 1e-6)))
+    nx = max(1, int(seconds / max(t_x1, 1e-6)))
+    t_c = _median(lambda: computes(nc), 1)
+    t_x = _median(lambda: copies(nx), 1)
+    worker = threading.Thread(target=copies, args=(nx,))
+    t0 = time.perf_counter()
+    worker.start()
+    computes(nc)
+    worker.join()
+    both = time.perf_counter() - t0
+    return float(min(1.0, max(0.0, (t_c + t_x - both) / max(min(t_c, t_x), 1e-9))))

@@ -1,0 +1,116 @@
+"""The planner's cost model on hand-computed cases, its choices for synthetic hardware, and `plan --json`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moepack.cli.app import app
+from moepack.runtime.planner import Hardware, ModelShape, choose, predict, slots_for
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CI machine's cores are shared: one compute thread avoids oversubscribed OpenMP barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy(**kw) -> ModelShape:
+    base = dict(name="toy", num_layers=1, sparse_layers=1, num_experts=4, top_k=2, hidden=8, intermediate=8,
+                expert_bytes=1_000_000, dense_bytes=10_000_000, kv_bytes_per_token=1000, workspace_bytes=0)
+    return ModelShape(**{**base, **kw})
+
+
+HW = Hardware(link_gbps=1.0, expert_fixed_s=0.001, expert_token_s=0.0001, dense_token_s=0.0002,
+              head_token_s=0.0005, overlap=1.0)
+
+
+def test_prediction_by_hand():
+    # uniform q = k/E = 0.5; 2 tokens: p = 1 - 0.5**2 = 0.75 per expert, U = 3 experts needed per layer.
+    # 2 layers, 2 streaming slots: W = 6 streamed experts per step, r = 2/6 of last step's stay resident,
+    # misses per layer = 4 * 0.75 * (1 - 0.75/3) = 2.25
+    shape = toy(num_layers=2, sparse_layers=2)
+    p = predict(shape, HW, batches=2, slots=2, hot=0)
+    layer_compute = 3 * 0.001 + 2 * 2 * 0.0001 + 2 * 0.0002  # experts + expert tokens + dense
+    layer_transfer = 2.25 * 1_000_000 / 1e9
+    head = 2 * 0.0005
+    assert p.loads_per_step == pytest.approx(4.5)
+    assert p.compute_s == pytest.approx(2 * layer_compute + head)
+    assert p.transfer_s == pytest.approx(2 * layer_transfer)
+    assert p.step_s == pytest.approx(2 * max(layer_compute, layer_transfer) + head)
+    assert p.tokens_per_s == pytest.approx(2 / p.step_s)
+    # not pipelined: compute and transfer add up
+    serial = predict(shape, HW, batches=2, slots=2, pipelined=False)
+    assert serial.step_s == pytest.approx(2 * (layer_compute + layer_transfer) + head)
+    # half overlap: max + half of min
+    half = predict(shape, Hardware(**{**HW.to_json(), "overlap": 0.5}), batches=2, slots=2)
+    lay = max(layer_compute, layer_transfer) + 0.5 * min(layer_compute, layer_transfer)
+    assert half.step_s == pytest.approx(2 * lay + head)
+    # one hot expert: never loaded; 2 streaming slots over W = 5.25 streamed experts
+    hot = predict(shape, HW, batches=2, slots=3, hot=1)
+    r = 2 / 5.25
+    assert hot.loads_per_step == pytest.approx(7 * 0.75 * (1 - r * 0.75))
+    # every expert fits: nothing moves in steady state
+    assert predict(shape, HW, batches=2, slots=8).loads_per_step == 0
+
+
+def test_skewed_routing_needs_fewer_experts():
+    skew = toy(probs=((0.9, 0.9, 0.1, 0.1),))
+    assert predict(skew, HW, batches=2, slots=3).loads_per_step < predict(toy(), HW, batches=2, slots=3).loads_per_step
+
+
+def test_slots_for_budget():
+    shape = toy(sparse_layers=8, num_layers=8)
+    assert slots_for(shape, 10_000_000 + 4 * 100 * 1000 + 5_000_000, 4, 100) == 5
+    assert slots_for(shape, None, 4, 100) == 32
+    assert slots_for(shape, 10**12, 1, 100) == 32
+
+
+def test_more_batches_when_transfer_bound():
+    shape = toy(num_layers=8, sparse_layers=8, num_experts=8)
+    slow = Hardware(link_gbps=0.1, expert_fixed_s=1e-4, expert_token_s=1e-5, dense_token_s=1e-5, head_token_s=1e-5)
+    fast = Hardware(link_gbps=1000.0, expert_fixed_s=0.0, expert_token_s=1e-3, dense_token_s=1e-3, head_token_s=1e-3)
+    vram = 10_000_000 + 20 * 1_000_000 + 64 * 100 * 1000  # about 20 of 64 experts fit
+    p_slow, p_fast = choose(shape, slow, vram, context=100), choose(shape, fast, vram, context=100)
+    assert 20 <= p_slow.best.slots < 32
+    assert p_slow.best.batches >= 8
+    assert p_fast.best.batches <= 2
+    assert p_slow.best.transfer_s > p_slow.best.compute_s
+    # the chosen point is within 95% of the best candidate
+    assert p_slow.best.tokens_per_s >= 0.95 * max(p.tokens_per_s for p in p_slow.table)
+
+
+def test_mixtral_on_paper_is_transfer_bound():
+    shape = ModelShape.mixtral_8x7b()
+    assert shape.expert_bytes * shape.total_experts == pytest.approx(90.2e9, rel=0.01)  # 45.1e9 params in bf16
+    hw = Hardware(link_gbps=25, expert_fixed_s=shape.expert_bytes / 600e9, expert_token_s=6 * 4096 * 14336 / 50e12,
+                  dense_token_s=1e-5, head_token_s=1e-5)
+    plan = choose(shape, hw, 11 * 10**9, context=512)
+    one = next(p for p in plan.table if p.batches == 1)
+    assert one.tokens_per_s == pytest.approx(1 / (64 * 0.75 * shape.expert_bytes / 25e9), rel=0.2)
+    assert plan.best.batches > 1 and plan.best.tokens_per_s > 3 * one.tokens_per_s
+
+
+def test_plan_json_fields(baby, tmp_path):
+    from moepack.compress import compress
+
+    out = tmp_path / "p.moepack"
+    compress(str(baby("mixtral")), out, recipe="q4g32")
+    res = CliRunner().invoke(app, ["plan", str(out), "--vram", "64MB", "--context", "64", "--link-gbps", "2",
+                                   "--trace-prompts", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    for key in ("batches", "slots", "hot_experts", "streaming_slots", "predicted_tokens_per_s", "time_per_step",
+                "candidates", "hardware", "model", "reason"):
+        assert key in data, key
+    assert set(data["time_per_step"]) == {"compute_s", "transfer_s", "stall_s", "step_s"}
+    assert data["hardware"]["link_gbps"] == 2.0 and data["model"]["probs_source"] == "trace"
+    assert data["slots"] >= 2 and data["batches"] in [c["batches"] for c in data["candidates"]]
+    res = CliRunner().invoke(app, ["plan", str(out), "--vram", "1MB", "--link-gbps", "2", "--device-tflops", "1"])
+    assert res.exit_code == 2 and "too small" in res.output or "fewer than" in res.output
