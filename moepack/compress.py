@@ -1,12 +1,21 @@
 """compress: source checkpoint -> (profile -> plan) -> encode each expert -> pack.
 
-One expert is in memory at a time, so peak memory does not grow with the model."""
+One expert is in memory at a time, so peak memory does not grow with the model (profiling too reads one
+expert at a time, see moepack.profile). How the recipes are chosen:
+
+- `target_ratio` (the default path): profile the experts on calibration text, allocate a recipe per expert
+  projection with the knapsack of moepack.plan.allocate, encode with the activation statistics;
+- `target_ratio` with `uniform=True`: the most faithful uniform recipe that reaches the ratio;
+- `recipe`: one recipe (or one per projection kind) everywhere; with `calib` the experts are profiled too,
+  so the pack records frequencies and output errors and encodes activation-aware;
+- `plan`: an explicit (layer, expert, proj) -> recipe mapping; none of these: lossless."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +23,13 @@ import torch
 
 from moepack import __version__
 from moepack.arch import adapter_for, spec_from_config
-from moepack.codecs import decode, encode, parse_recipe
+from moepack.codecs import decode, encode, parse_recipe, quantize_rtn
 from moepack.errors import CodecError
 from moepack.format import PackWriter
 from moepack.format.constants import DEFAULT_SHARD_BYTES, PROJECTIONS
+from moepack.plan.allocate import Allocation, check_reachable, plan_from_profile
 from moepack.plan.uniform import parse_recipe_spec, uniform_for_ratio
+from moepack.profile.profiler import DEFAULT_CANDIDATES, ERROR_KIND, Profile, usable_candidates
 from moepack.source import Checkpoint, default_pack_path, resolve_source
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -38,6 +49,10 @@ class CompressReport:
     mean_error: float = 0.0
     seconds: float = 0.0
     target_ratio: float | None = None
+    expected_error: float | None = None  # the planner's frequency-weighted relative squared output error per layer
+    planned_ratio: float | None = None
+    profile_seconds: float | None = None
+    calibration_tokens: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -53,17 +68,32 @@ def load_expert(ckpt: Checkpoint, adapter, layer: int, expert: int) -> dict[str,
     return out
 
 
+WEIGHT_ERROR = "relative weight error ||W - W^|| / ||W||"
+
+
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     w = w.float()
     return float((w - w_hat.float()).norm() / w.norm().clamp_min(1e-12))
 
 
+def encode_rtn(w: torch.Tensor, r) -> dict[str, torch.Tensor]:
+    """Plain min/max round-to-nearest group quantisation (the benchmark baseline); only q{b}g{G} recipes."""
+    if r.bits is None or r.sparse or r.rank:
+        raise CodecError(f"round-to-nearest applies to plain q{{b}}g{{G}} recipes, not {r}")
+    return quantize_rtn(w, r.bits, r.group)
+
+
 def compress(src: str, out: str | Path | None = None, *, recipe: str | None = None, target_ratio: float | None = None,
              plan: Plan | None = None, calib: str | Path | None = None, force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
              progress: ProgressFn | None = None, frequencies: dict[tuple[int, int], float] | None = None,
-             meta: dict | None = None) -> CompressReport:
-    """Compress `src` into a pack. Exactly one of `recipe`, `target_ratio` or `plan` decides the recipes;
-    with none, experts are stored losslessly in their source dtype."""
+             meta: dict | None = None, uniform: bool = False, candidates: Sequence[str] | None = None,
+             profile: Profile | None = None, rtn: bool = False) -> CompressReport:
+    """Compress `src` into a pack. Exactly one of `recipe`, `target_ratio` or `plan` decides the recipes (see
+    the module docstring); with none, experts are stored losslessly in their source dtype. `profile` reuses a
+    finished `moepack.profile.profile(...)` instead of profiling again; `candidates` are the recipes the
+    profiler measures and the planner chooses from (default moepack.profile.DEFAULT_CANDIDATES). `rtn` encodes
+    plain group-quantisation recipes with min/max round-to-nearest instead of the optimised quantiser: the
+    baseline of benchmarks/quality.py (same format, same bytes)."""
     t0 = time.perf_counter()
     ckpt = Checkpoint(resolve_source(src), name=str(src))
     spec = spec_from_config(ckpt.config)
@@ -76,30 +106,59 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
 
     src_dtype = ckpt.info(adapter.expert_tensor_ref(layers[0], 0, "gate").name)[0]
     shape = spec.expert_shape()
-    chosen_by = "recipe"
+    alloc: Allocation | None = None
+    if recipe is not None and target_ratio is not None:
+        raise CodecError("give --recipe or --target-ratio, not both")
     if plan is None:
-        if recipe is not None and target_ratio is not None:
-            raise CodecError("give --recipe or --target-ratio, not both")
-        if target_ratio is not None:
+        per_proj = None
+        if target_ratio is not None and not uniform:
+            if profile is None:
+                check_reachable(target_ratio, usable_candidates(candidates or DEFAULT_CANDIDATES, shape), shape,
+                                src_dtype.itemsize)
+                profile = _profile(src, calib, candidates, progress)
+            source_per_expert = 3 * shape[0] * shape[1] * src_dtype.itemsize
+            alloc = plan_from_profile(profile, target_ratio, shape=shape, source_bytes_per_expert=source_per_expert)
+            plan = alloc.plan
+            chosen_by = f"profiled per-expert plan for target ratio {target_ratio:g}"
+        elif target_ratio is not None:
             name, _ = uniform_for_ratio(target_ratio, shape, src_dtype.itemsize)
             per_proj = {p: name for p in PROJECTIONS}
             chosen_by = f"uniform recipe for target ratio {target_ratio:g}"
         elif recipe is not None:
             per_proj = parse_recipe_spec(recipe)
+            chosen_by = "recipe"
         else:
             lossless = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[src_dtype]
             per_proj = {p: lossless for p in PROJECTIONS}
             chosen_by = "lossless (source dtype)"
-        plan = {(layer, e, p): per_proj[p] for layer in layers for e in range(spec.num_experts) for p in PROJECTIONS}
+        if per_proj is not None:
+            plan = {(layer, e, p): per_proj[p] for layer in layers for e in range(spec.num_experts) for p in PROJECTIONS}
     else:
         chosen_by = "per-expert plan"
+    if profile is None and calib is not None:  # profile only the chosen recipes: frequencies, errors, importance
+        profile = _profile(src, calib, sorted(set(plan.values())), progress)
+    measured = profile.error_table() if profile is not None else None
+    if profile is not None and frequencies is None:
+        frequencies = profile.frequencies()
+    meta = {"generator": f"moepack {__version__}", "recipes_chosen_by": chosen_by,
+            "error": ERROR_KIND if profile is not None else WEIGHT_ERROR, **(meta or {})}
+    if rtn:
+        meta["error"], meta["encoder"] = WEIGHT_ERROR, "round-to-nearest (min/max) baseline"
+    if profile is not None:
+        meta["calibration"] = profile.summary()
+    if alloc is not None:
+        meta["plan"] = alloc.summary()
 
     report = CompressReport(out, str(src), spec.family, 0, 0, 0, 0, target_ratio=target_ratio)
+    if alloc is not None:
+        report.expected_error, report.planned_ratio = alloc.expected_error, alloc.ratio
+    if profile is not None:
+        report.profile_seconds, report.calibration_tokens = profile.seconds, profile.tokens
     errors: list[float] = []
     model = {"model_type": ckpt.config.get("model_type"), "family": spec.family, "config": ckpt.config}
     source = {"id": str(src), "expert_bytes": 0, "dense_bytes": 0, "dtype": str(src_dtype).removeprefix("torch.")}
     with PackWriter(out, model=model, source=source, shard_bytes=shard_bytes, overwrite=force,
-                    meta={"generator": f"moepack {__version__}", "recipes_chosen_by": chosen_by, **(meta or {})}) as writer:
+                    meta=meta) as writer:
         for name, data in sorted(ckpt.aux_files().items()):
             writer.add_file(name, data)
         for i, name in enumerate(dense_names):
@@ -116,8 +175,18 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
                 for proj in PROJECTIONS:
                     w = weights[proj]
                     r = parse_recipe(plan[(layer, e, proj)])
-                    parts = encode(w, r)
-                    errs[proj] = relative_error(w, decode(parts, r, tuple(w.shape)))
+                    if rtn:
+                        parts = encode_rtn(w, r)
+                        errs[proj] = relative_error(w, decode(parts, r, tuple(w.shape)))
+                    elif profile is not None:
+                        if profile.encoder(layer, e, proj, str(r)) == "rtn":  # RTN measured better here
+                            parts = encode_rtn(w, r)
+                        else:
+                            parts = encode(w, r, importance=profile.importance(layer, e, proj))
+                        errs[proj] = math.sqrt(measured[(layer, e, proj)][str(r)])
+                    else:
+                        parts = encode(w, r)
+                        errs[proj] = relative_error(w, decode(parts, r, tuple(w.shape)))
                     encoded[proj] = (str(r), tuple(w.shape), parts)
                     report.recipes[str(r)] += 1
                 src_bytes = sum(w.numel() * w.element_size() for w in weights.values())
@@ -135,3 +204,10 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
     report.mean_error = sum(errors) / max(len(errors), 1)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _profile(src: str, calib, candidates, progress: ProgressFn | None) -> Profile:
+    from moepack.profile import profile as run_profile
+
+    return run_profile(src, None if calib is None else str(calib), candidates=candidates or DEFAULT_CANDIDATES,
+                       progress=progress)

@@ -56,15 +56,15 @@ def test_recipe_per_projection_and_reported_ratio(baby, tmp_path):
 
 
 def test_target_ratio_picks_the_most_faithful_uniform_recipe_that_reaches_it(baby, tmp_path):
-    report = compress(str(baby("qwen3_moe")), tmp_path / "p.moepack", target_ratio=9)
+    report = compress(str(baby("qwen3_moe")), tmp_path / "p.moepack", target_ratio=9, uniform=True)
     assert report.ratio >= 9
-    lower = compress(str(baby("qwen3_moe")), tmp_path / "q.moepack", target_ratio=6)
+    lower = compress(str(baby("qwen3_moe")), tmp_path / "q.moepack", target_ratio=6, uniform=True)
     assert 6 <= lower.ratio < report.ratio
 
 
 def test_unreachable_target_ratio_is_a_clear_error(baby, tmp_path):
     with pytest.raises(CodecError, match="no uniform recipe reaches ratio 500"):
-        compress(str(baby("mixtral")), tmp_path / "p.moepack", target_ratio=500)
+        compress(str(baby("mixtral")), tmp_path / "p.moepack", target_ratio=500, uniform=True)
     assert not (tmp_path / "p.moepack").exists()
 
 

@@ -60,7 +60,7 @@ def inspect(
 @app.command()
 def run(
     pack: str = typer.Argument(..., help="A pack path, or a model name whose pack is in the store."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (or --prompts FILE)."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Memory budget on the device (11GB, 11GiB, 500MB)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
@@ -69,17 +69,78 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     context: int = typer.Option(2048, "--context", help="Longest prompt + generation the KV cache is planned for."),
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy."),
+    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, or fate (per-layer quotas favouring shallow layers)."),
+    prefetch: str = typer.Option("none", "--prefetch", help="none, or fate: predict the next layer's experts from this layer's router input and load them early."),
+    adaptive_k: str = typer.Option("off", "--adaptive-k", help="off, or a threshold in (0,1]: tokens whose top half of top-k carries that share of router weight run only that half (big-little)."),
+    sparse_channels: str = typer.Option("off", "--sparse-channels", help="off, or the fraction of expert channels kept per token, chosen by |up(x)| (FloE)."),
+    partial_loads: bool = typer.Option(False, "--partial-loads", help="With --sparse-channels: on a miss move only up and the kept rows of gate/down (not cached)."),
     stats: bool = typer.Option(False, "--stats", help="Print run statistics after the text."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text and statistics)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Throughput mode: a file with one prompt per line."),
+    batches: int = typer.Option(4, "--batches", help="Throughput mode: sequences in flight (see `moepack plan`)."),
 ) -> None:
     """Generate text from a pack with a budgeted expert cache."""
     from moepack.cli import run_cmd
 
     try:
+        if prompts_file is not None:  # throughput mode: moepack/cli/throughput_cmd.py
+            from moepack.cli import throughput_cmd
+
+            throughput_cmd.run(pack, prompts_file=prompts_file, batches=batches, vram=vram, device=device,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                               context=context, backend=backend, cache_policy=cache_policy, stats=stats,
+                               json_out=json_out)
+            return
+        if prompt is None:
+            raise MoepackError("give --prompt TEXT, or --prompts FILE for throughput mode")
         run_cmd.run(pack, prompt=prompt, vram=vram, device=device, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend,
-                    cache_policy=cache_policy, stats=stats, json_out=json_out)
+                    cache_policy=cache_policy, stats=stats, json_out=json_out, prefetch=prefetch, adaptive_k=adaptive_k,
+                    sparse_channels=sparse_channels, partial_loads=partial_loads)
+    except MoepackError as exc:
+        _fail(exc)
+
+
+@app.command(name="eval")
+def eval_(
+    pack: str = typer.Argument(..., help="A pack path, or a model name whose pack is in the store."),
+    text: Path = typer.Option(..., "--text", help="Text file to measure perplexity on (held-out text)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed checkpoint: adds its perplexity and KL(reference || pack)."),
+    context: int = typer.Option(512, "--context", help="Tokens per non-overlapping window."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the text."),
+    backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp."),
+    decoded: bool = typer.Option(False, "--decoded", help="Decode every expert once (reference decoder) instead of streaming: faster for small models."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (perplexity, reference_perplexity, kl, tokens, ...)."),
+) -> None:
+    """Perplexity of a pack on a text, and KL divergence to the uncompressed model."""
+    from moepack.cli import eval_cmd
+
+    try:
+        eval_cmd.run(pack, text=text, reference=reference, context=context, max_tokens=max_tokens, backend=backend,
+                     json_out=json_out, decoded=decoded)
+    except MoepackError as exc:
+        _fail(exc)
+
+
+@app.command()
+def plan(
+    pack: str = typer.Argument(..., help="A pack path, or a model name whose pack is in the store."),
+    vram: str = typer.Option(..., "--vram", help="Memory budget on the device (11GB, 11GiB, 500MB)."),
+    link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Link bandwidth into expert slots in GB/s (default: measured)."),
+    device_tflops: Optional[float] = typer.Option(None, "--device-tflops", help="Device speed in TFLOPS (default: a timed expert FFN)."),
+    mem_gbps: Optional[float] = typer.Option(None, "--mem-gbps", help="With --device-tflops: device memory bandwidth (GB/s) for reading expert weights."),
+    context: int = typer.Option(2048, "--context", help="Tokens per sequence the KV caches are planned for."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
+    trace_prompts: int = typer.Option(4, "--trace-prompts", help="Prompts run to collect a routing trace when the manifest has no frequencies."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Choose batches, expert slots and hot experts for throughput mode; predict tokens/s and where time goes."""
+    from moepack.cli import plan_cmd
+
+    try:
+        plan_cmd.run(pack, vram=vram, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps,
+                     context=context, device=device, backend=backend, trace_count=trace_prompts, json_out=json_out)
     except MoepackError as exc:
         _fail(exc)
 

@@ -35,6 +35,10 @@ def run(src: str, out: Path | None, *, target_ratio, recipe, calib, shard_size: 
         "experts": report.num_experts, "recipes": dict(report.recipes), "mean_relative_error": report.mean_error,
         "seconds": round(report.seconds, 2),
     }
+    if report.expected_error is not None:  # a profiled plan: what the planner expected, and the calibration
+        summary.update(planned_ratio=round(report.planned_ratio, 4), expected_error=report.expected_error,
+                       calibration_tokens=report.calibration_tokens,
+                       profile_seconds=round(report.profile_seconds or 0.0, 2))
     if json_out:
         print(json.dumps(summary, indent=1))
         return
@@ -47,6 +51,10 @@ def run(src: str, out: Path | None, *, target_ratio, recipe, calib, shard_size: 
     table.add_row("ratio", f"[bold]{report.ratio:.2f}x[/]{target}")
     table.add_row("dense", f"{format_size(report.dense_bytes)} (passthrough)")
     table.add_row("mean rel. error", f"{report.mean_error:.4f}")
+    if report.expected_error is not None:
+        table.add_row("expected error", f"{report.expected_error:.5f} (frequency-weighted rel. squared output error "
+                                        f"per layer; {report.calibration_tokens} calibration tokens, "
+                                        f"profiled in {report.profile_seconds:.1f} s)")
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
     console.print(f"wrote {report.path}", soft_wrap=True, highlight=False)  # whole, never cut: scripts read it

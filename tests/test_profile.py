@@ -1,0 +1,163 @@
+"""Profiling: frequencies match the router, one expert in memory at a time, sane errors and importance."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from moepack.profile import default_calibration_text, load_calibration, profile
+from moepack.profile.profiler import usable_candidates
+from moepack.source import Checkpoint
+
+FEW = ("fp16", "q4g64", "q2g64")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, loaded 2-core host torch's thread pool makes small ops 10-100x slower."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_embedded_calibration_text_is_packaged_and_tokenises(baby):
+    text = default_calibration_text()
+    assert 3000 < len(text.encode()) < 50000
+    cal = load_calibration(baby("mixtral"), max_position=4096)
+    assert cal.source == "embedded" and cal.windows.dim() == 2 and cal.tokens >= 1000
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_frequencies_sum_to_one_per_layer_and_match_the_router(baby, family):
+    from moepack.runtime.model import MoeModel
+
+    src = baby(family)
+    prof = profile(str(src), candidates=("q4g64",), max_tokens=1024)
+    ref = MoeModel.from_checkpoint(src)
+    counts: dict[int, torch.Tensor] = {}
+
+    def hook(layer, x, logits, ids, weights):
+        counts[layer] = torch.bincount(ids.flatten(), minlength=ref.spec.num_experts)
+
+    ref.route_hooks.append(hook)
+    windows = load_calibration(src, max_tokens=1024, max_position=ref.spec.max_position_embeddings).windows  # what profile used
+    with torch.inference_mode():
+        ref.hidden_states(windows)
+    assert sorted(counts) == list(ref.spec.sparse_layer_ids)
+    for layer, c in counts.items():
+        freqs = [prof.experts[(layer, e)].frequency for e in range(ref.spec.num_experts)]
+        assert sum(freqs) == pytest.approx(1.0, abs=1e-12)
+        assert [prof.experts[(layer, e)].tokens for e in range(ref.spec.num_experts)] == c.tolist()
+    assert prof.tokens == windows.numel()
+
+
+def test_profiling_holds_at_most_one_expert_and_reads_each_once(baby, monkeypatch):
+    from moepack.arch import PROJS, adapter_for, spec_from_config
+
+    src = baby("mixtral")
+    ckpt = Checkpoint(src)
+    spec = spec_from_config(ckpt.config)
+    adapter = adapter_for(spec)
+    layer_of = {adapter.expert_tensor_ref(layer, e, p).name: layer
+                for layer in spec.sparse_layer_ids for e in range(spec.num_experts) for p in PROJS}
+    live: dict[int, int] = {}  # id -> layer of expert tensors still alive
+    reads: list[str] = []
+    peak = {"tensors": 0}
+    real_read = Checkpoint.read
+
+    def read(self, name):
+        t = real_read(self, name)
+        if name in layer_of:
+            assert set(live.values()) <= {layer_of[name]}, "experts of two layers alive at once"
+            reads.append(name)
+            key = id(t)
+            live[key] = layer_of[name]
+            weakref.finalize(t, live.pop, key, None)
+            peak["tensors"] = max(peak["tensors"], len(live))
+        return t
+
+    monkeypatch.setattr(Checkpoint, "read", read)
+    profile(str(src), candidates=("q4g64",), max_tokens=512)
+    assert sorted(reads) == sorted(layer_of)  # every expert tensor read exactly once
+    assert peak["tensors"] <= len(PROJS)  # never more than one expert's three projections
+
+
+def test_errors_rank_recipes_and_importance_is_the_input_second_moment(baby):
+    prof = profile(str(baby("olmoe")), candidates=FEW, max_tokens=1024)
+    assert prof.candidates == FEW
+    for (_layer, _e), ep in prof.experts.items():
+        for proj in ("up", "gate", "down"):
+            errs = ep.errors[proj]
+            assert errs["fp16"] < 1e-5 < errs["q4g64"] < errs["q2g64"] < 1.0, (ep.layer, ep.expert, proj, errs)
+        imp = ep.importance["gate"]
+        assert imp is ep.importance["up"] and ep.importance["down"] is None
+        assert imp.shape == (prof.experts[(0, 0)].importance["gate"].shape[0],) and bool((imp > 0).all())
+    table = prof.error_table()
+    assert len(table) == 3 * len(prof.experts)
+
+
+def test_a_candidate_that_does_not_fit_the_shape_is_skipped_and_a_bad_one_is_an_error():
+    from moepack.errors import CodecError
+
+    assert usable_candidates(["q4g128", "q4g64", "Q4G64"], (64, 64)) == ("q4g64",)
+    with pytest.raises(CodecError):
+        usable_candidates(["q5g64"], (64, 64))
+
+
+def test_a_user_calibration_file(baby, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 40)
+    prof = profile(str(baby("mixtral")), str(calib), candidates=("q4g64",), seq_len=128)
+    assert prof.calib_source == str(calib) and prof.tokens % 128 == 0
+    from moepack.errors import MoepackError
+
+    with pytest.raises(MoepackError, match="cannot read"):
+        profile(str(baby("mixtral")), str(tmp_path / "missing.txt"), candidates=("q4g64",))
+
+
+def test_channel_subsampling_estimates_the_full_errors(baby):
+    import math
+
+    from moepack.arch import adapter_for, spec_from_config
+    from moepack.compress import load_expert
+    from moepack.profile import measure_errors
+
+    src = baby("mixtral")
+    ckpt = Checkpoint(src)
+    adapter = adapter_for(spec_from_config(ckpt.config))
+    w = load_expert(ckpt, adapter, 0, 1)  # [128, 128] each
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    imp = {"gate": x.square().mean(0), "up": x.square().mean(0), "down": None}
+    cands = ("q4g64", "q2g64", "q2g64+r8")
+    full = measure_errors(x, w, cands, imp)
+    est = measure_errors(x, w, cands, imp, max_channels=48)
+    for proj in full:
+        assert est[proj]["q2g64+r8"] == full[proj]["q2g64+r8"]  # low-rank: always the whole matrix
+        for r in ("q4g64", "q2g64"):
+            assert abs(math.log(est[proj][r] / full[proj][r])) < math.log(1.5), (proj, r, est[proj][r], full[proj][r])
+        assert est[proj]["q4g64"] < est[proj]["q2g64"]
+
+
+def test_round_to_nearest_is_kept_where_it_gives_the_smaller_output_error(baby):
+    from moepack.arch import adapter_for, spec_from_config
+    from moepack.compress import load_expert
+    from moepack.profile import measure_errors
+
+    ckpt = Checkpoint(baby("mixtral"))
+    w = load_expert(ckpt, adapter_for(spec_from_config(ckpt.config)), 1, 2)
+    x = torch.randn(200, 128, generator=torch.Generator().manual_seed(1))
+    imp = {"gate": x.square().mean(0), "up": x.square().mean(0), "down": None}
+    cands = ("q3g64", "2:4+q4g64", "fp16")
+    plain = measure_errors(x, w, cands, imp)
+    rtn: dict[str, set[str]] = {}
+    best = measure_errors(x, w, cands, imp, rtn=rtn)
+    for proj in plain:
+        assert best[proj]["q3g64"] <= plain[proj]["q3g64"]
+        assert (best[proj]["q3g64"] < plain[proj]["q3g64"]) == ("q3g64" in rtn.get(proj, set()))
+        assert best[proj]["2:4+q4g64"] == plain[proj]["2:4+q4g64"] and best[proj]["fp16"] == plain[proj]["fp16"]
+    assert set().union(*rtn.values()) <= {"q3g64"}
