@@ -29,7 +29,7 @@ from moepack.format import PackWriter
 from moepack.format.constants import DEFAULT_SHARD_BYTES, PROJECTIONS
 from moepack.plan.allocate import Allocation, check_reachable, plan_from_profile
 from moepack.plan.uniform import parse_recipe_spec, uniform_for_ratio
-from moepack.profile.profiler import DEFAULT_CANDIDATES, ERROR_KIND, Profile, usable_candidates
+from moepack.profile.profiler import DEFAULT_CANDIDATES, ERROR_KIND, EXTREME_CANDIDATES, Profile, usable_candidates
 from moepack.source import Checkpoint, default_pack_path, resolve_source
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -113,8 +113,7 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
         per_proj = None
         if target_ratio is not None and not uniform:
             if profile is None:
-                check_reachable(target_ratio, usable_candidates(candidates or DEFAULT_CANDIDATES, shape), shape,
-                                src_dtype.itemsize)
+                candidates = reachable_candidates(candidates, target_ratio, shape, src_dtype.itemsize)
                 profile = _profile(src, calib, candidates, progress)
             source_per_expert = 3 * shape[0] * shape[1] * src_dtype.itemsize
             alloc = plan_from_profile(profile, target_ratio, shape=shape, source_bytes_per_expert=source_per_expert)
@@ -204,6 +203,21 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
     report.mean_error = sum(errors) / max(len(errors), 1)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def reachable_candidates(candidates, target_ratio: float, shape: tuple[int, int], source_itemsize: int):
+    """The candidate recipes to profile: the given ones, or the defaults, escalated to the extreme tier when
+    the defaults cannot reach the target. CodecError when nothing can."""
+    if candidates is not None:
+        check_reachable(target_ratio, usable_candidates(candidates, shape), shape, source_itemsize)
+        return candidates
+    try:
+        check_reachable(target_ratio, usable_candidates(DEFAULT_CANDIDATES, shape), shape, source_itemsize)
+        return DEFAULT_CANDIDATES
+    except CodecError:
+        extended = DEFAULT_CANDIDATES + EXTREME_CANDIDATES
+        check_reachable(target_ratio, usable_candidates(extended, shape), shape, source_itemsize)
+        return extended
 
 
 def _profile(src: str, calib, candidates, progress: ProgressFn | None) -> Profile:

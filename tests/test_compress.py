@@ -132,3 +132,19 @@ def test_missing_source_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no config.json"):
         compress(str(tmp_path / "empty"), tmp_path / "p.moepack")
+
+
+def test_bf16_source_escalates_candidates_to_reach_9x():
+    """q2g128 gives only 7.1x from bf16; the extreme 1:4 tier makes the user's `--target-ratio 9` reachable."""
+    from moepack.compress import reachable_candidates
+    from moepack.profile.profiler import DEFAULT_CANDIDATES, EXTREME_CANDIDATES
+
+    mixtral = (14336, 4096)
+    assert reachable_candidates(None, 6, mixtral, 2) == DEFAULT_CANDIDATES
+    assert set(EXTREME_CANDIDATES) <= set(reachable_candidates(None, 9, mixtral, 2))
+    with pytest.raises(CodecError, match="out of reach"):
+        reachable_candidates(None, 20, mixtral, 2)
+    from moepack.plan.uniform import uniform_for_ratio
+
+    name, ratio = uniform_for_ratio(9, mixtral, 2)
+    assert name.startswith("1:4+") and ratio >= 9

@@ -8,6 +8,7 @@ from moepack.errors import CodecError
 UNIFORM_LADDER = (
     "q4g32", "q4g64", "q4g128", "q3g32", "q3g64", "q3g128", "q2g32", "q2g64", "q2g128",
     "2:4+q4g64", "2:4+q4g128", "2:4+q3g128", "2:4+q2g64", "2:4+q2g128",
+    "1:4+q4g64", "1:4+q4g128", "1:4+q3g128",
 )
 PROJ_KINDS = ("up", "gate", "down")
 
