@@ -29,7 +29,13 @@ from moepack.format import PackWriter
 from moepack.format.constants import DEFAULT_SHARD_BYTES, PROJECTIONS
 from moepack.plan.allocate import Allocation, check_reachable, plan_from_profile
 from moepack.plan.uniform import parse_recipe_spec, uniform_for_ratio
-from moepack.profile.profiler import DEFAULT_CANDIDATES, ERROR_KIND, EXTREME_CANDIDATES, Profile, usable_candidates
+from moepack.profile.profiler import (
+    DEFAULT_CANDIDATES,
+    ERROR_KIND,
+    EXTREME_CANDIDATES,
+    Profile,
+    usable_candidates,
+)
 from moepack.source import Checkpoint, default_pack_path, resolve_source
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)

@@ -26,3 +26,15 @@ def baby(tmp_path_factory) -> Callable[..., Path]:
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared, loaded 2-core host, torch's thread pool makes small ops
+    10-100x slower (OpenMP barriers stall whenever the other core is taken)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

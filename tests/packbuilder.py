@@ -8,7 +8,7 @@ import torch
 
 from moepack.format import PackWriter
 
-I, H = 8, 32  # channel-major expert projections [I, H]
+I, H = 8, 32  # noqa: E741 - channel-major expert projections [I, H]
 
 
 def q4_parts(seed: int) -> dict[str, torch.Tensor]:

@@ -18,15 +18,7 @@ TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more t
         "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. ") * 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, loaded 2-core host torch's thread pool makes small ops 10-100x slower."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,9 @@ def test_budgeted_run_equals_unbudgeted_run_and_respects_slots(packs, recipe):
         seen = []
         real_allocate = cache.allocate
 
-        def allocate(key, nbytes, _real=real_allocate, _cache=cache):
+        def allocate(key, nbytes, _real=real_allocate, _cache=cache, _seen=seen):
             out = _real(key, nbytes)
-            seen.append(len(_cache))
+            _seen.append(len(_cache))
             return out
 
         cache.allocate = allocate

@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from moepack.cli.app import app
 from moepack.runtime.planner import Hardware, ModelShape, choose, predict, slots_for
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine's cores are shared: one compute thread avoids oversubscribed OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(**kw) -> ModelShape:

@@ -14,15 +14,7 @@ from moepack.source import Checkpoint
 FEW = ("fp16", "q4g64", "q2g64")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, loaded 2-core host torch's thread pool makes small ops 10-100x slower."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_embedded_calibration_text_is_packaged_and_tokenises(baby):

@@ -18,15 +18,7 @@ runner = CliRunner()
 FEW = ("fp16", "q4g64", "q3g64", "q2g64", "q2g32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, loaded 2-core host torch's thread pool makes small ops 10-100x slower."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("target", [4, 9])

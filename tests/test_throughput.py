@@ -17,13 +17,7 @@ LENGTHS = (3, 17, 6, 29, 1)
 NEW = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine's cores are shared: one compute thread avoids oversubscribed OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

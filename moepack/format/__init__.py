@@ -1,7 +1,14 @@
 """The .moepack container (normative spec: docs/format.md)."""
 
 from moepack.format.reader import Pack, is_pack, projection_parts
-from moepack.format.records import ExpertRecord, Manifest, PartRecord, ProjectionRecord, ShardRecord, TensorRecord
+from moepack.format.records import (
+           ExpertRecord,
+           Manifest,
+           PartRecord,
+           ProjectionRecord,
+           ShardRecord,
+           TensorRecord,
+)
 from moepack.format.writer import PackWriter
 
 __all__ = ["Pack", "PackWriter", "is_pack", "projection_parts", "ExpertRecord", "Manifest", "PartRecord",

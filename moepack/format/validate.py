@@ -139,7 +139,7 @@ def _check_records(m: Manifest, path: Path) -> None:
         spans.setdefault(e.shard, []).append((e.offset, e.offset + e.nbytes, f"expert {e.layer}.{e.expert}"))
     for shard, items in spans.items():
         items.sort()
-        for (s0, e0, n0), (s1, _e1, n1) in zip(items, items[1:]):
+        for (s0, e0, n0), (s1, _e1, n1) in zip(items, items[1:], strict=False):
             if s1 < e0:
                 raise OverlapError(f"{n0} [{s0}, {e0}) and {n1} (from {s1}) overlap in {m.shards[shard].name}", path=path)
 
