@@ -105,11 +105,12 @@ def render(m: dict) -> str:
         f"moepack computes in float32 on the CPU (dense weights upcast at load); transformers in bfloat16. "
         f"Budgeted rows give the expert cache ceil({m['fraction']:.0%} x experts) slots (LRU); bytes moved / token "
         f"is expert bytes loaded into the cache per decoded token. Peak RSS includes the interpreter, torch and "
-        f"file pages mapped from the pack or checkpoint. The two cores were shared with other work: 1-minute load "
-        f"average {m['load'][0]:.1f} at the start and {m['load'][1]:.1f} at the end, so absolute numbers are "
-        f"low and noisy. Rows ran one after another, minutes apart, while that load changed: ratios are only "
-        f"meaningful between neighbouring rows, and two OpenMP threads on two busy cores stall at every barrier "
-        f"whenever one core is taken, so the 2-thread rows mostly measure the machine's load, not the code.",
+        f"file pages mapped from the pack or checkpoint. The cores are shared with other work: 1-minute load "
+        f"average {m['load'][0]:.1f} at the start and {m['load'][1]:.1f} at the end"
+        + (". With more runnable work than cores, two OpenMP threads stall at every barrier whenever one core is "
+           "taken, so the 2-thread rows mostly measure the machine's load, and ratios are only meaningful between "
+           "neighbouring rows." if max(m["load"]) > (os.cpu_count() or 2) else
+           "; compare rows of this table, not absolute numbers across runs."),
         "",
         markdown_table(headers, rows),
     ]

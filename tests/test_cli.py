@@ -71,3 +71,13 @@ def test_runtime_imports_stay_light():
             "print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_peak_rss_is_this_process_not_a_parent():
+    """A child started from a process with a large peak must report its own, smaller peak."""
+    code = "from moepack.runtime.stats import peak_rss_bytes; print(peak_rss_bytes())"
+    big = bytearray(400 << 20)  # this process: +400 MB resident
+    big[::4096] = b"\x01" * len(big[::4096])
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del big
+    assert 0 < child < 300 << 20
