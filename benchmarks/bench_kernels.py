@@ -1,6 +1,6 @@
 """Time the CPP kernels against the TORCH reference for quantised GEMV (one token).
 
-    python benchmarks/bench_kernels.py [--shapes 4096x1024,8192x2048] [--bits 4,2] [--group 64]
+    python -m benchmarks.bench_kernels [--shapes 4096x1024,8192x2048] [--bits 4,2] [--group 64]
                                        [--threads 1,2] [--repeats 20]
 
 For each shape (rows x cols of a channel-major expert matrix, e.g. a scaled-down 14336x4096), bit width
@@ -16,32 +16,20 @@ The machine's cores may be shared: compare numbers from the same run only.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.report import median_time
 from moepack.codecs import as_recipe
 from moepack.kernels import Backend, compiled, matmul, matmul_t
 from moepack.kernels._build import CPP
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 9) -> float:
     """GB/s of (read + written) bytes for a large contiguous torch copy."""
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)
-    t = median_time(lambda: dst.copy_(src), repeats)
+    t = median_time(lambda: dst.copy_(src), repeats=repeats)[0]
     return 2 * nbytes / t / 1e9
 
 
@@ -61,10 +49,10 @@ def bench_one(rows: int, cols: int, recipe: str, repeats: int, torch_repeats: in
     packed = sum(p.numel() * p.element_size() for p in parts.values())
     x, h = torch.randn(1, cols), torch.randn(1, rows)
     dense = compiled.dequantize(CPP, parts, r, cols, None, "cpu")  # [rows, cols] fp32
-    t_ref = median_time(lambda: matmul(x, parts, r, shape, backend=Backend.TORCH), torch_repeats)
-    t_mm = median_time(lambda: matmul(x, parts, r, shape, backend=Backend.CPP), repeats)
-    t_mt = median_time(lambda: matmul_t(h, parts, r, shape, backend=Backend.CPP), repeats)
-    t_fp = median_time(lambda: x @ dense.T, repeats)
+    t_ref = median_time(lambda: matmul(x, parts, r, shape, backend=Backend.TORCH), repeats=torch_repeats)[0]
+    t_mm = median_time(lambda: matmul(x, parts, r, shape, backend=Backend.CPP), repeats=repeats)[0]
+    t_mt = median_time(lambda: matmul_t(h, parts, r, shape, backend=Backend.CPP), repeats=repeats)[0]
+    t_fp = median_time(lambda: x @ dense.T, repeats=repeats)[0]
     return packed, t_ref, t_mm, t_mt, t_fp
 
 
