@@ -220,15 +220,16 @@ class MoeModel:
             out = out + w[n["o_bias"]]
         return out
 
-    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] -> [N, H]: routed experts (+ gated shared expert) or the dense MLP."""
+    def _mlp(self, layer: int, x: torch.Tensor, run_experts: Callable | None = None) -> torch.Tensor:
+        """x [N, H] -> [N, H]: routed experts (+ gated shared expert) or the dense MLP. `run_experts` (default
+        `executor.forward`) lets the throughput engine run the routed experts its own way."""
         w, n = self.w, self.layers[layer]
         if not self.spec.is_sparse(layer):
             return (F.silu(x @ w[n["mlp_gate"]].T) * (x @ w[n["mlp_up"]].T)) @ w[n["mlp_down"]].T
         logits, ids, weights = self.route(layer, x)
         for hook in self.route_hooks:
             hook(layer, x, logits, ids, weights)
-        out = self.executor.forward(layer, x, ids, weights)
+        out = (run_experts or self.executor.forward)(layer, x, ids, weights)
         if "shared_gate" in n:
             shared = (F.silu(x @ w[n["shared_gate"]].T) * (x @ w[n["shared_up"]].T)) @ w[n["shared_down"]].T
             out = out + torch.sigmoid(x @ w[n["shared_expert_gate"]].T) * shared

@@ -479,17 +479,7 @@ class ThroughputEngine:
                 o = o + w[n["o_bias"]]
             h = h + o
             x = rms_norm(h, w[n["post_attn_norm"]], spec.rms_norm_eps)
-            if not spec.is_sparse(layer):
-                h = h + m._mlp(layer, x)
-                continue
-            logits, ids, weights = m.route(layer, x)
-            for hook in m.route_hooks:
-                hook(layer, x, logits, ids, weights)
-            out = self.executor.run_layer(layer, x, ids, weights)
-            if "shared_gate" in n:
-                shared = (F.silu(x @ w[n["shared_gate"]].T) * (x @ w[n["shared_up"]].T)) @ w[n["shared_down"]].T
-                out = out + torch.sigmoid(x @ w[n["shared_expert_gate"]].T) * shared
-            h = h + out
+            h = h + m._mlp(layer, x, self.executor.run_layer)
         for s, t in zip(seqs, lens, strict=True):
             s.cache.advance(t)
         last = torch.tensor([b - 1 for _, b in bounds], device=m.device)
