@@ -5,12 +5,14 @@
 
 with n = len(rows) (or all rows). Every backend computes the *base* product (N:M, quant or passthrough);
 a low-rank residual (`lr_u` [rows, R], `lr_v` [R, cols]) is then added in torch in factored form,
-x @ V.T @ U[rows].T or h @ U[rows] @ V, whatever the backend. Passthrough recipes (`bf16`, `fp16`,
-`fp32`) are a plain torch matmul on any backend. Arithmetic is float32; the result has x's dtype.
+x @ V.T @ U[rows].T or h @ U[rows] @ V, whatever the backend. Passthrough recipes run the compiled kernels
+where a backend serves their dtype (bf16/fp16 on CPP: widened on the fly, never upcast whole); otherwise
+(fp32, or a backend without them) they are a plain torch matmul on any backend, since there is nothing to
+decode. Arithmetic is float32; the result has x's dtype.
 
 Backend.AUTO picks CUDA for CUDA tensors and CPP on the CPU when the recipe is supported and the
 extension builds, else TORCH (the reference, which always works). An explicitly requested backend
-that cannot serve the call raises KernelUnavailableError.
+that cannot serve a quantised or sparse recipe raises KernelUnavailableError.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class KernelImpl:
 
     backend: Backend
     device_type: str | None  # None: any device
-    supports: Callable[[Recipe], bool]
+    supports: Callable[[Recipe], bool]  # the base recipe (no low-rank term)
     unavailable: Callable[[], str | None]  # None when usable, else the reason (may build lazily)
     matmul: BaseOp
     matmul_t: BaseOp
@@ -76,7 +78,7 @@ def _compiled_impl(backend: Backend, ext: LazyExtension, device_type: str) -> Ke
     return KernelImpl(
         backend=backend,
         device_type=device_type,
-        supports=compiled.supports,
+        supports=lambda recipe: compiled.supports(recipe, device_type),
         unavailable=unavailable,
         matmul=lambda x, p, r, c, rows: compiled.matmul(ext, x, p, r, c, rows),
         matmul_t=lambda h, p, r, c, rows: compiled.matmul_t(ext, h, p, r, c, rows),
@@ -115,7 +117,7 @@ def resolve_backend(backend: Backend | str, recipe: Recipe | str, device: torch.
         raise KernelUnavailableError(f"{backend.value} kernels run on {impl.device_type}, not on {device}")
     if not impl.supports(recipe):
         raise KernelUnavailableError(
-            f"{backend.value} kernels support group quantisation q2/q3/q4 without N:M, not recipe {recipe}"
+            f"{backend.value} kernels support {compiled.describe(impl.device_type)}, not recipe {recipe}"
         )
     reason = impl.unavailable()
     if reason is not None:
@@ -138,11 +140,11 @@ def matmul(
     x32 = x.float()
     if rows is not None and rows.numel() == 0:
         return x.new_zeros(x.shape[0], 0)
-    if recipe.quantized or recipe.sparse:
-        base = dataclasses.replace(recipe, rank=0)
-        impl = _REGISTRY[resolve_backend(backend, base, x.device)]
+    base = dataclasses.replace(recipe, rank=0)
+    impl = _base_impl(backend, base, x.device)
+    if impl is not None:
         out = impl.matmul(x32.contiguous(), parts, base, cols, rows)
-    else:  # passthrough
+    else:  # passthrough without a kernel for its dtype
         out = x32 @ _rows_of(parts["values"], rows).to(x.device, torch.float32).T
     if recipe.rank:
         u = _rows_of(parts["lr_u"], rows).to(x.device, torch.float32)  # [n, R]
@@ -166,17 +168,33 @@ def matmul_t(
     h32 = h.float()
     if rows is not None and rows.numel() == 0:
         return h.new_zeros(h.shape[0], cols)
-    if recipe.quantized or recipe.sparse:
-        base = dataclasses.replace(recipe, rank=0)
-        impl = _REGISTRY[resolve_backend(backend, base, h.device)]
+    base = dataclasses.replace(recipe, rank=0)
+    impl = _base_impl(backend, base, h.device)
+    if impl is not None:
         out = impl.matmul_t(h32.contiguous(), parts, base, cols, rows)
-    else:  # passthrough
+    else:  # passthrough without a kernel for its dtype
         out = h32 @ _rows_of(parts["values"], rows).to(h.device, torch.float32)
     if recipe.rank:
         u = _rows_of(parts["lr_u"], rows).to(h.device, torch.float32)  # [n, R]
         v = parts["lr_v"].to(h.device, torch.float32)  # [R, cols]
         out = out + (h32 @ u) @ v
     return out.to(h.dtype)
+
+
+def _base_impl(backend: Backend | str, base: Recipe, device: torch.device) -> KernelImpl | None:
+    """The implementation of a base product, or None for a passthrough recipe that the chosen backend has no
+    kernel for (a plain torch matmul then: there is nothing to decode)."""
+    backend = Backend.parse(backend)
+    if base.quantized or base.sparse or backend is Backend.AUTO:
+        want = resolve_backend(backend, base, device)
+        return None if want is Backend.TORCH and not (base.quantized or base.sparse) else _REGISTRY[want]
+    impl = _REGISTRY[backend]  # an explicit backend and a passthrough recipe
+    if backend is Backend.TORCH or impl.device_type != device.type or not impl.supports(base):
+        return None
+    reason = impl.unavailable()
+    if reason is not None:
+        raise KernelUnavailableError(reason)
+    return impl
 
 
 def _rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

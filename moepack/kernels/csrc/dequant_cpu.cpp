@@ -9,11 +9,20 @@
 // torch reference), so decoded weights are bit-identical to the reference and only the order of the
 // fp32 accumulation differs.
 //
+// The same kernels serve bf16/fp16 passthrough matrices W [rows, cols] (any row stride, unit column
+// stride, cols a multiple of 32): a "block" of 32 weights is then widened to fp32 on the fly (exact), so
+// a lossless pack never upcasts a whole matrix per call. Both formats are a `Rows` type with one method,
+// `blocks(r, g0, g1, f)`, that calls f(col, w[4]) for each 32-column block of row r in units [g0, g1)
+// (a unit is a quantisation group, or 32 columns of a passthrough row); the kernels are written once.
+//
 // Ops (registered with torch.library under the namespace moepack_cpu):
 //   qmatmul(x[T,cols], ..., rows?)       -> [T, n]    = x @ W[rows].T   (row dot products)
 //   qmatmul_t(h[T,n], ..., rows?, cols)  -> [T, cols] = h @ W[rows]     (weighted sum of rows)
 //   qdequant(..., rows?, cols)           -> [n, cols] = W[rows] in fp32
-// Token counts up to 8 run fused; the Python wrapper sends larger T through qdequant + a BLAS matmul.
+//   pmatmul(x[T,cols], w, rows?)         -> [T, n]    (w bf16/fp16 [rows, cols])
+//   pmatmul_t(h[T,n], w, rows?)          -> [T, cols]
+// Token counts up to 8 run fused; the Python wrapper sends larger T through a dequantised (or widened)
+// block of rows and a BLAS matmul.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -86,6 +95,29 @@ inline float v_hsum(V8 a) {
   return s;
 }
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+#endif
+
+// 8 consecutive bf16 / fp16 values widened to fp32 (both exact).
+#if MOEPACK_AVX2
+inline V8 widen_bf16(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(u, 16))};
+}
+inline V8 widen_fp16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+#else
+inline V8 widen_bf16(const uint16_t* p) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t bits = (uint32_t)p[i] << 16;
+    std::memcpy(&r.v[i], &bits, 4);
+  }
+  return r;
+}
+inline V8 widen_fp16(const uint16_t* p) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = half_to_float(p[i]);
+  return r;
+}
 #endif
 
 // --- decoding one block of 32 codes ------------------------------------------------------------------
@@ -171,50 +203,69 @@ struct Group {
 };
 #endif
 
-// --- a view of one quantised matrix --------------------------------------------------------------------
-struct QMatrix {
+// --- the two row formats ---------------------------------------------------------------------------
+// A quantised matrix: units are groups.
+template <int B>
+struct QuantRows {
   const uint8_t* codes;
   const uint16_t* scale;
   const uint16_t* zero;
   int64_t row_bytes, groups, group, cols;
-  inline const uint8_t* row_codes(int64_t r) const { return codes + r * row_bytes; }
-  inline const uint16_t* row_scale(int64_t r) const { return scale + r * groups; }
-  inline const uint16_t* row_zero(int64_t r) const { return zero + r * groups; }
+  template <class F>
+  inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
+    const uint8_t* c = codes + r * row_bytes;
+    const uint16_t* sc = scale + r * groups;
+    const uint16_t* ze = zero + r * groups;
+    for (int64_t g = g0; g < g1; ++g) {
+      const Group<B> grp(half_to_float(sc[g]), half_to_float(ze[g]));
+      for (int64_t col = g * group; col < (g + 1) * group; col += 32) {
+        V8 w[4];
+        grp.decode(c + col * B / 8, w);
+        f(col, w);
+      }
+    }
+  }
+};
+
+// A bf16 (BF = true) or fp16 matrix with row stride `ld` elements: units are 32 columns.
+template <bool BF>
+struct WideRows {
+  const uint16_t* data;
+  int64_t ld, groups, cols;
+  static constexpr int64_t group = 32;
+  template <class F>
+  inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
+    const uint16_t* p = data + r * ld;
+    for (int64_t col = g0 * 32; col < g1 * 32; col += 32) {
+      V8 w[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) w[j] = BF ? widen_bf16(p + col + 8 * j) : widen_fp16(p + col + 8 * j);
+      f(col, w);
+    }
+  }
 };
 
 inline int64_t row_of(const int64_t* rows, int64_t i) { return rows ? rows[i] : i; }
 
-// out[t, i] = sum_c x[t, c] * W[rows[i], c] for NT tokens starting at x (row stride ldx). The loop is
-// written out (no callback) so the accumulators stay in registers.
-template <int B, int NT>
-void matmul_block(const QMatrix& m, const float* x, int64_t ldx, const int64_t* rows, int64_t n, float* out,
+// out[t, i] = sum_c x[t, c] * W[rows[i], c] for NT tokens starting at x (row stride ldx); the block
+// callback is inlined, so the accumulators stay in registers.
+template <int NT, class M>
+void matmul_block(const M& m, const float* x, int64_t ldx, const int64_t* rows, int64_t n, float* out,
                   int64_t ldo) {
   constexpr int A = NT == 1 ? 4 : (NT == 2 ? 2 : 1);  // independent accumulators per token
-  const int64_t blocks = m.group / 32;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = row_of(rows, i);
-      const uint8_t* codes = m.row_codes(r);
-      const uint16_t* sc = m.row_scale(r);
-      const uint16_t* ze = m.row_zero(r);
       V8 acc[NT][A];
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 4
         for (int a = 0; a < A; ++a) acc[t][a] = v_zero();
-      for (int64_t g = 0; g < m.groups; ++g) {
-        const Group<B> grp(half_to_float(sc[g]), half_to_float(ze[g]));
-        for (int64_t k = 0; k < blocks; ++k) {
-          const int64_t col = g * m.group + 32 * k;
-          V8 w[4];
-          grp.decode(codes + col * B / 8, w);
+      m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j)
 #pragma GCC unroll 4
-            for (int t = 0; t < NT; ++t)
-              acc[t][j % A] = v_fma(w[j], v_load(x + t * ldx + col + 8 * j), acc[t][j % A]);
-        }
-      }
+          for (int t = 0; t < NT; ++t) acc[t][j % A] = v_fma(w[j], v_load(x + t * ldx + col + 8 * j), acc[t][j % A]);
+      });
       for (int t = 0; t < NT; ++t) {
         V8 s = acc[t][0];
         for (int a = 1; a < A; ++a) s = v_add(s, acc[t][a]);
@@ -227,15 +278,14 @@ void matmul_block(const QMatrix& m, const float* x, int64_t ldx, const int64_t* 
 // out[t, c] = sum_i h[t, i] * W[rows[i], c] for all T <= kMaxFusedTokens tokens, parallel over column
 // tiles: each tile accumulates in its own buffer (at most 32 KiB, so it stays in L1), so threads never
 // share an output, and a tile is as wide as that allows so each row is read in as few pieces as possible.
-template <int B>
-void matmul_t_tiles(const QMatrix& m, const float* h, int64_t T, const int64_t* rows, int64_t n, float* out) {
+template <class M>
+void matmul_t_tiles(const M& m, const float* h, int64_t T, const int64_t* rows, int64_t n, float* out) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_cache = std::max<int64_t>(1, (8192 / T) / m.group);          // groups per tile
+  const int64_t by_cache = std::max<int64_t>(1, (8192 / T) / m.group);          // units per tile
   const int64_t by_threads = std::max<int64_t>(1, (m.groups + threads - 1) / threads);
   const int64_t tile_groups = std::min(by_cache, by_threads);
   const int64_t tiles = (m.groups + tile_groups - 1) / tile_groups;
   const int64_t ldacc = tile_groups * m.group;
-  const int64_t blocks = m.group / 32;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(T * ldacc);
     float* acc = buf.data();
@@ -252,54 +302,37 @@ void matmul_t_tiles(const QMatrix& m, const float* h, int64_t T, const int64_t* 
           hv[t] = v_set1(v);
         }
         if (!any) continue;  // an exactly-zero activation adds nothing
-        const int64_t r = row_of(rows, i);
-        const uint8_t* codes = m.row_codes(r);
-        const uint16_t* sc = m.row_scale(r);
-        const uint16_t* ze = m.row_zero(r);
-        for (int64_t g = g0; g < g1; ++g) {
-          const Group<B> grp(half_to_float(sc[g]), half_to_float(ze[g]));
-          for (int64_t k = 0; k < blocks; ++k) {
-            const int64_t col = g * m.group + 32 * k;
-            V8 w[4];
-            grp.decode(codes + col * B / 8, w);
-            for (int64_t t = 0; t < T; ++t) {
-              float* a = acc + t * ldacc + (col - c0);
+        m.blocks(row_of(rows, i), g0, g1, [&](int64_t col, const V8* w) {
+          for (int64_t t = 0; t < T; ++t) {
+            float* a = acc + t * ldacc + (col - c0);
 #pragma GCC unroll 4
-              for (int j = 0; j < 4; ++j) v_store(a + 8 * j, v_fma(w[j], hv[t], v_load(a + 8 * j)));
-            }
+            for (int j = 0; j < 4; ++j) v_store(a + 8 * j, v_fma(w[j], hv[t], v_load(a + 8 * j)));
           }
-        }
+        });
       }
       for (int64_t t = 0; t < T; ++t) std::memcpy(out + t * m.cols + c0, acc + t * ldacc, width * sizeof(float));
     }
   });
 }
 
-template <int B>
-void dequant_rows(const QMatrix& m, const int64_t* rows, int64_t n, float* out) {
-  const int64_t blocks = m.group / 32;
+template <class M>
+void dequant_rows(const M& m, const int64_t* rows, int64_t n, float* out) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = row_of(rows, i);
-      const uint8_t* codes = m.row_codes(r);
       float* o = out + i * m.cols;
-      for (int64_t g = 0; g < m.groups; ++g) {
-        const Group<B> grp(half_to_float(m.row_scale(r)[g]), half_to_float(m.row_zero(r)[g]));
-        for (int64_t k = 0; k < blocks; ++k) {
-          const int64_t col = g * m.group + 32 * k;
-          V8 w[4];
-          grp.decode(codes + col * B / 8, w);
+      m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) v_store(o + col + 8 * j, w[j]);
-        }
-      }
+        for (int j = 0; j < 4; ++j) v_store(o + col + 8 * j, w[j]);
+      });
     }
   });
 }
 
 // --- argument checking and dispatch ------------------------------------------------------------------
-QMatrix check_matrix(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-                     int64_t group, int64_t cols) {
+// Checks a quantised matrix and calls f(QuantRows<B>) with its bit width as a compile-time constant.
+template <class F>
+void with_quant_rows(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                     int64_t group, int64_t cols, F&& f) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "moepack_cpu: bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(group > 0 && group % 32 == 0, "moepack_cpu: group must be a positive multiple of 32, got ", group);
   TORCH_CHECK(cols > 0 && cols % group == 0, "moepack_cpu: cols (", cols, ") must be a multiple of group ", group);
@@ -315,13 +348,29 @@ QMatrix check_matrix(const at::Tensor& codes, const at::Tensor& scale, const at:
               cols * bits / 8);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == groups && zero.sizes() == scale.sizes(),
               "moepack_cpu: scale and zero must be [", rows, ", ", groups, "]");
-  return QMatrix{codes.data_ptr<uint8_t>(),
-                 reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
-                 reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()),
-                 cols * bits / 8,
-                 groups,
-                 group,
-                 cols};
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const auto* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const auto* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>());
+  switch (bits) {
+    case 2: f(QuantRows<2>{c, sc, ze, cols * 2 / 8, groups, group, cols}); break;
+    case 3: f(QuantRows<3>{c, sc, ze, cols * 3 / 8, groups, group, cols}); break;
+    default: f(QuantRows<4>{c, sc, ze, cols * 4 / 8, groups, group, cols}); break;
+  }
+}
+
+// Checks a bf16/fp16 matrix and calls f(WideRows<is bf16>).
+template <class F>
+void with_wide_rows(const at::Tensor& w, F&& f) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf),
+              "moepack_cpu: w must be a bfloat16 or float16 CPU matrix");
+  TORCH_CHECK(w.stride(1) == 1 && w.stride(0) >= w.size(1), "moepack_cpu: w must have unit column stride");
+  const int64_t cols = w.size(1);
+  TORCH_CHECK(cols > 0 && cols % 32 == 0, "moepack_cpu: passthrough cols (", cols, ") must be a multiple of 32");
+  const auto* data = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  if (w.scalar_type() == at::kBFloat16)
+    f(WideRows<true>{data, w.stride(0), cols / 32, cols});
+  else
+    f(WideRows<false>{data, w.stride(0), cols / 32, cols});
 }
 
 // Validates the optional row subset; returns its data pointer (nullptr for all rows) and its length.
@@ -340,71 +389,90 @@ const int64_t* check_rows(const c10::optional<at::Tensor>& rows, int64_t total, 
   return p;
 }
 
-template <typename F>
-void dispatch_bits(int64_t bits, F&& f) {
-  switch (bits) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+// x [T, cols] -> [T, n] = x @ W[rows].T, in blocks of at most 4 tokens.
+template <class M>
+at::Tensor rows_matmul(const M& m, const at::Tensor& x, int64_t total_rows, const c10::optional<at::Tensor>& rows,
+                       const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "moepack_cpu.", op,
+              ": x must be a float32 CPU matrix [T, cols]");
+  TORCH_CHECK(x.size(1) == m.cols, "moepack_cpu.", op, ": x has ", x.size(1), " columns, expected ", m.cols);
+  int64_t n;
+  const int64_t* r = check_rows(rows, total_rows, &n);
+  const at::Tensor xc = x.contiguous();
+  const int64_t T = xc.size(0), cols = m.cols;
+  at::Tensor out = at::empty({T, n}, xc.options());
+  if (T == 0 || n == 0) return out;
+  const float* xp = xc.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) matmul_block<4>(m, xp + t * cols, cols, r, n, op_ + t * n, n);
+  switch (T - t) {
+    case 3: matmul_block<3>(m, xp + t * cols, cols, r, n, op_ + t * n, n); break;
+    case 2: matmul_block<2>(m, xp + t * cols, cols, r, n, op_ + t * n, n); break;
+    case 1: matmul_block<1>(m, xp + t * cols, cols, r, n, op_ + t * n, n); break;
+    default: break;
   }
+  return out;
+}
+
+// h [T, n] -> [T, cols] = h @ W[rows], in blocks of at most kMaxFusedTokens tokens.
+template <class M>
+at::Tensor rows_matmul_t(const M& m, const at::Tensor& h, int64_t total_rows, const c10::optional<at::Tensor>& rows,
+                         const char* op) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.device().is_cpu(), "moepack_cpu.", op,
+              ": h must be a float32 CPU matrix [T, n]");
+  int64_t n;
+  const int64_t* r = check_rows(rows, total_rows, &n);
+  TORCH_CHECK(h.size(1) == n, "moepack_cpu.", op, ": h has ", h.size(1), " columns, expected ", n);
+  const at::Tensor hc = h.contiguous();
+  const int64_t T = hc.size(0);
+  at::Tensor out = at::zeros({T, m.cols}, hc.options());
+  if (T == 0 || n == 0) return out;
+  for (int64_t t = 0; t < T; t += kMaxFusedTokens) {
+    const int64_t nt = std::min(kMaxFusedTokens, T - t);
+    matmul_t_tiles(m, hc.data_ptr<float>() + t * n, nt, r, n, out.data_ptr<float>() + t * m.cols);
+  }
+  return out;
 }
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "moepack_cpu.qmatmul: x must be a float32 CPU matrix [T, cols]");
-  const QMatrix m = check_matrix(codes, scale, zero, bits, group, x.size(1));
-  int64_t n;
-  const int64_t* r = check_rows(rows, codes.size(0), &n);
-  const at::Tensor xc = x.contiguous();
-  const int64_t T = xc.size(0), cols = xc.size(1);
-  at::Tensor out = at::empty({T, n}, xc.options());
-  if (T == 0 || n == 0) return out;
-  const float* xp = xc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  dispatch_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) matmul_block<B, 4>(m, xp + t * cols, cols, r, n, op + t * n, n);
-    switch (T - t) {
-      case 3: matmul_block<B, 3>(m, xp + t * cols, cols, r, n, op + t * n, n); break;
-      case 2: matmul_block<B, 2>(m, xp + t * cols, cols, r, n, op + t * n, n); break;
-      case 1: matmul_block<B, 1>(m, xp + t * cols, cols, r, n, op + t * n, n); break;
-      default: break;
-    }
-  });
+  TORCH_CHECK(x.dim() == 2, "moepack_cpu.qmatmul: x must be a float32 CPU matrix [T, cols]");
+  at::Tensor out;
+  with_quant_rows(codes, scale, zero, bits, group, x.size(1),
+                  [&](const auto& m) { out = rows_matmul(m, x, codes.size(0), rows, "qmatmul"); });
   return out;
 }
 
 at::Tensor qmatmul_t(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                      const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols) {
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.device().is_cpu(),
-              "moepack_cpu.qmatmul_t: h must be a float32 CPU matrix [T, n]");
-  const QMatrix m = check_matrix(codes, scale, zero, bits, group, cols);
-  int64_t n;
-  const int64_t* r = check_rows(rows, codes.size(0), &n);
-  TORCH_CHECK(h.size(1) == n, "moepack_cpu.qmatmul_t: h has ", h.size(1), " columns, expected ", n);
-  const at::Tensor hc = h.contiguous();
-  const int64_t T = hc.size(0);
-  at::Tensor out = at::zeros({T, cols}, hc.options());
-  if (T == 0 || n == 0) return out;
-  for (int64_t t = 0; t < T; t += kMaxFusedTokens) {
-    const int64_t nt = std::min(kMaxFusedTokens, T - t);
-    dispatch_bits(bits, [&](auto b) {
-      matmul_t_tiles<decltype(b)::value>(m, hc.data_ptr<float>() + t * n, nt, r, n, out.data_ptr<float>() + t * cols);
-    });
-  }
+  at::Tensor out;
+  with_quant_rows(codes, scale, zero, bits, group, cols,
+                  [&](const auto& m) { out = rows_matmul_t(m, h, codes.size(0), rows, "qmatmul_t"); });
   return out;
 }
 
 at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                     const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols) {
-  const QMatrix m = check_matrix(codes, scale, zero, bits, group, cols);
-  int64_t n;
-  const int64_t* r = check_rows(rows, codes.size(0), &n);
-  at::Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(at::kFloat));
-  if (n == 0) return out;
-  dispatch_bits(bits, [&](auto b) { dequant_rows<decltype(b)::value>(m, r, n, out.data_ptr<float>()); });
+  at::Tensor out;
+  with_quant_rows(codes, scale, zero, bits, group, cols, [&](const auto& m) {
+    int64_t n;
+    const int64_t* r = check_rows(rows, codes.size(0), &n);
+    out = at::empty({n, cols}, at::TensorOptions().dtype(at::kFloat));
+    if (n > 0) dequant_rows(m, r, n, out.data_ptr<float>());
+  });
+  return out;
+}
+
+at::Tensor pmatmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& rows) {
+  at::Tensor out;
+  with_wide_rows(w, [&](const auto& m) { out = rows_matmul(m, x, w.size(0), rows, "pmatmul"); });
+  return out;
+}
+
+at::Tensor pmatmul_t(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& rows) {
+  at::Tensor out;
+  with_wide_rows(w, [&](const auto& m) { out = rows_matmul_t(m, h, w.size(0), rows, "pmatmul_t"); });
   return out;
 }
 
@@ -418,6 +486,8 @@ TORCH_LIBRARY(moepack_cpu, m) {
       "qmatmul_t(Tensor h, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols) "
       "-> Tensor");
   m.def("qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols) -> Tensor");
+  m.def("pmatmul(Tensor x, Tensor w, Tensor? rows) -> Tensor");
+  m.def("pmatmul_t(Tensor h, Tensor w, Tensor? rows) -> Tensor");
   m.def("simd() -> bool", [] { return has_avx2(); });
 }
 
@@ -425,4 +495,6 @@ TORCH_LIBRARY_IMPL(moepack_cpu, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("qmatmul_t", &qmatmul_t);
   m.impl("qdequant", &qdequant);
+  m.impl("pmatmul", &pmatmul);
+  m.impl("pmatmul_t", &pmatmul_t);
 }
