@@ -37,11 +37,18 @@ class FakeModel:
 def test_prefetcher_predicts_next_layer_and_scores_when_it_routes():
     queued = []
     model = FakeModel()
-    pf = FatePrefetcher(model, SimpleNamespace(queue_prefetch=queued.extend))
+    probs = []
+
+    def queue(keys, p):
+        queued.extend(keys)
+        probs.extend(p)
+
+    pf = FatePrefetcher(model, SimpleNamespace(queue_prefetch=queue))
     hook = model.route_hooks[0]
     x = torch.zeros(1, 4)
     hook(0, x, None, torch.tensor([[0, 2]]), None)
     assert queued == [(1, 3), (1, 1)]
+    assert probs == [pytest.approx(0.5), pytest.approx(0.5)]  # the prior: nothing measured yet
     hook(1, x, None, torch.tensor([[3, 2]]), None)  # routed to 3 and 2: one of two predicted
     assert pf.score.precision == pytest.approx(0.5) and pf.score.recall == pytest.approx(0.5)
     assert len(queued) == 2  # the last layer predicts nothing
@@ -51,3 +58,15 @@ def test_parse_prefetch():
     assert parse_prefetch("off") == "none" and parse_prefetch("FATE") == "fate"
     with pytest.raises(MoepackError, match="choose one of"):
         parse_prefetch("oracle")
+
+
+def test_rank_calibration_learns_each_ranks_hit_rate():
+    """Rank 0 always right, rank 1 always wrong: their probabilities part from the prior of 1/2."""
+    from moepack.runtime.prefetch import RankCalibration
+
+    cal = RankCalibration()
+    assert cal.prob(1, 0) == pytest.approx(0.5)
+    for _ in range(20):
+        cal.add(1, torch.tensor([[3, 1], [3, 1]]), torch.tensor([[3, 0], [2, 3]]))
+    assert cal.prob(1, 0) == pytest.approx(41 / 42) and cal.prob(1, 1) == pytest.approx(1 / 42)
+    assert cal.prob(2, 0) == pytest.approx(0.5)  # another layer: still the prior

@@ -48,8 +48,10 @@ def watch_slots(model) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("kw", [dict(prefetch="fate"), dict(prefetch="fate", cache_policy="fate"),
-                                dict(cache_policy="lfu"), dict(cache_policy="fate"),
+@pytest.mark.parametrize("kw", [dict(prefetch="fate", prefetch_min_prob=0.0),
+                                dict(prefetch="fate", cache_policy="fate", prefetch_min_prob=0.0),
+                                dict(prefetch="fate", cache_policy="reuse", prefetch_min_prob=0.0),
+                                dict(cache_policy="lfu"), dict(cache_policy="fate"), dict(cache_policy="reuse"),
                                 dict(adaptive_k="off", sparse_channels="off")])
 @pytest.mark.parametrize("slots", [3, 8])
 def test_prefetch_and_policies_never_change_the_numbers(pack, exact, kw, slots):
@@ -63,7 +65,22 @@ def test_prefetch_and_policies_never_change_the_numbers(pack, exact, kw, slots):
     s = gen.stats
     if kw.get("prefetch") == "fate":
         assert 0 <= s.prefetch_precision <= 1 and 0 <= s.prefetch_recall <= 1
-        assert s.prefetch_bytes > 0 and s.to_json()["prefetch_precision"] == s.prefetch_precision
+        assert s.to_json()["prefetch_precision"] == s.prefetch_precision
+        if "cache_policy" not in kw:  # LRU admits every prediction into a free or unpinned slot
+            assert s.prefetch_bytes > 0
+        else:  # other policies may refuse a prediction worth less than what it would evict
+            assert s.prefetch_bytes > 0 or model.executor.counts["prefetch_not_admitted"] > 0
+
+
+def test_gated_prefetch_loads_only_likely_predictions(pack, exact):
+    """A probability floor above 1 turns every prediction into a hint: nothing is prefetched, and the
+    predictions are still scored."""
+    ids, _, want_tokens = exact
+    model = budgeted(pack, 8, prefetch="fate", prefetch_min_prob=1.01)
+    gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    assert gen.tokens == want_tokens
+    assert gen.stats.prefetch_bytes == 0 and model.executor.counts["prefetch_unlikely"] > 0
+    assert gen.stats.prefetch_precision is not None
 
 
 def test_stats_include_the_belady_bound_and_it_bounds_lru(pack, exact):
@@ -99,13 +116,40 @@ def test_big_little_runs_fewer_experts(pack, exact):
 
 def test_big_little_falls_back_when_a_big_expert_is_missing(pack, exact):
     ids, want, _ = exact
-    model = budgeted(pack, 3, adaptive_k=1.0)  # nobody is little by the signal; only fallbacks drop experts
+    model = budgeted(pack, 3, adaptive_k=1.0, fallback=True)  # nobody is little by the signal; only fallbacks
     model.logits(ids[:1])
     gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
     assert model.executor.counts["fallback_tokens"] > 0
     assert gen.stats.extra["fallback_token_share"] > 0
     strict = budgeted(pack, 3, adaptive_k=1.0, fallback=False)
     assert torch.equal(strict.logits(ids), want)
+
+
+def test_fallback_threshold_limits_which_tokens_fall_back(pack, exact, monkeypatch):
+    """Only tokens whose little share reaches the fallback threshold drop a missing big expert."""
+    from moepack.runtime import executor as ex_mod
+
+    ids, _, _ = exact
+    seen = []
+    real = ex_mod.StreamingExecutor._fallback
+
+    def spy(self, layer, topk_ids, active, share):
+        before = active.clone()
+        out = real(self, layer, topk_ids, active.clone(), share)
+        dropped = (before & ~out).any(1)
+        seen.extend(share[dropped].tolist())
+        return out
+
+    monkeypatch.setattr(ex_mod.StreamingExecutor, "_fallback", spy)
+    counts = []
+    for threshold in (True, 0.75, 1.0):  # True: every token may fall back
+        model = budgeted(pack, 3, adaptive_k=1.0, fallback=threshold)
+        seen.clear()
+        model.generate(ids, max_new_tokens=8, stop_at_eos=False)  # decode: one token at a time
+        counts.append(model.executor.counts["fallback_tokens"])
+        if threshold is not True:
+            assert all(v >= threshold for v in seen)
+    assert counts[0] > counts[1] and counts[2] == 0
 
 
 def test_sparse_channels_compute_fewer_rows(pack, exact):

@@ -12,6 +12,12 @@ each weighted); so the error is proportional to 1 - share, and the signal costs 
 computed the weights). The little set's weights are rescaled to the top-k total (renormalised to 1 where the
 family renormalises top-k). Threshold 1.0 never drops (share < 1 unless the dropped weights are zero).
 
+Under a budget, MoBiLE also lets an important token fall back to its little set when a big expert is not
+resident (and prefetches it). Since the error of dropping is proportional to 1 - share, the fallback is
+restricted to tokens with share >= a second threshold (`fallback`, below the big-little one): tokens whose
+big experts carry much of their weight always wait for them. On the trained toy model an unrestricted
+fallback cost +2-3.5% perplexity at small budgets (benchmarks/bench_prefetch.py).
+
 **Contextual sparsity (FloE).** For a token x, up(x) [I] is computed in full first; the channels with the
 largest |up(x)| are predicted active (silu(gate) * up is small where up is small) and only those rows of gate
 and down are computed (`rows=` in the kernels). `keep` is the fraction of channels kept per token. With
@@ -51,10 +57,12 @@ def little_share(topk_weights: torch.Tensor) -> torch.Tensor:
     return w[:, :kl].sum(1) / w.sum(1).clamp_min(1e-30)
 
 
-def big_little_mask(topk_weights: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(little [T] bool: tokens that run only their little set, active [T, k] bool: slots that run)."""
+def big_little_mask(topk_weights: torch.Tensor, threshold: float,
+                    share: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(little [T] bool: tokens that run only their little set, active [T, k] bool: slots that run);
+    `share`: little_share(topk_weights) if already computed."""
     kl = max(1, topk_weights.shape[1] // 2)
-    little = little_share(topk_weights) >= threshold
+    little = (little_share(topk_weights) if share is None else share) >= threshold
     active = torch.ones_like(topk_weights, dtype=torch.bool)
     active[:, kl:] &= ~little[:, None]
     return little, active

@@ -21,7 +21,7 @@ from moepack.runtime.adaptive import parse_fraction
 from moepack.runtime.belady import belady
 from moepack.runtime.budget import BudgetPlan, plan_budget
 from moepack.runtime.cache import ExpertCache, make_policy
-from moepack.runtime.executor import StreamingExecutor
+from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB, StreamingExecutor
 from moepack.runtime.model import KVCache, MoeModel
 from moepack.runtime.prefetch import FatePrefetcher, parse_prefetch
 from moepack.runtime.sampling import TextStream, sample
@@ -66,19 +66,23 @@ class MoePackModel:
     def load(cls, path: str | Path, *, vram: str | int | None = None, device: str = "auto", backend: str = "auto",
              cache_policy: str = "lru", dtype: torch.dtype | None = None, context: int = 2048,
              verify: bool = True, prefetch: str = "none", prefetch_width: int | None = None,
-             adaptive_k: float | str | None = None, fallback: bool = True,
+             prefetch_min_prob: float = PREFETCH_MIN_PROB,
+             adaptive_k: float | str | None = None, fallback: float | str | bool | None = FALLBACK_SHARE,
              sparse_channels: float | str | None = None, partial_loads: bool = False) -> MoePackModel:
         """Open a pack. `vram` bounds dense weights + KV cache + workspace + expert slots on the device
         (on the CPU it bounds the same in RAM); None keeps every expert available.
 
         Each technique is switchable alone: `cache_policy` lru|lfu|fate (per-layer quotas favouring shallow
-        layers); `prefetch` none|fate (next-layer prediction; `prefetch_width` experts per token, default top-k);
+        layers)|reuse (evicts the expert whose next use is expected farthest away); `prefetch` none|fate (next-layer prediction; `prefetch_width` experts per token, default top-k);
         `adaptive_k` off or a threshold in (0, 1] (big-little: a token whose little half of top-k carries that
-        share of its router weight runs only the little half; `fallback` also drops a missing big expert);
+        share of its router weight runs only the little half; `fallback` off or a lower threshold: a token whose
+        little half carries at least that share also runs only it when a big expert is not resident, True: every
+        token may);
         `sparse_channels` off or the kept fraction of intermediate channels (FloE; `partial_loads` moves only
         up and the kept rows of gate/down on a miss instead of the whole expert)."""
         prefetch = parse_prefetch(prefetch)
         big_little = parse_fraction(adaptive_k, "adaptive-k")
+        fallback = 0.0 if fallback is True else parse_fraction(fallback, "fallback")
         sparse_keep = parse_fraction(sparse_channels, "sparse-channels")
         pack = Pack(path)
         spec = pack.spec
@@ -101,7 +105,8 @@ class MoePackModel:
             cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy, layers=layers)
             streamer = Streamer(pack, dev, slot_bytes, verify=verify)
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
-                                     sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev)
+                                     sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev,
+                                     prefetch_min_prob=prefetch_min_prob)
         model = MoeModel(spec, dense, executor, dtype=dtype, device=dev)
         prefetcher = FatePrefetcher(model, executor, width=prefetch_width) if prefetch == "fate" else None
         tokenizer = None

@@ -14,28 +14,54 @@ Key = tuple[int, int]  # (layer, expert)
 class Policy:
     """Eviction policy. `victim` picks among unpinned resident keys; `incoming` is the key that needs the slot.
     `touch` is a demand use; `refresh` marks a resident key as wanted soon (a prefetch prediction) without
-    counting as a use."""
+    counting as a use. `visit` tells it a layer is about to run (with each routed expert's token count), `hint`
+    that a key will be used at its layer's next visit with probability `prob` (a next-layer prediction).
+
+    `admit(incoming, victim, prob)`: is `incoming` worth more in the cache than `victim`, the key it would
+    evict? It decides whether a prediction is prefetched and whether a miss under partial loads is cached
+    (otherwise it streams only the rows it needs). The default compares decayed use counts (TinyLFU-style
+    admission), for a prediction its count scaled up by `prob`; policies that estimate reuse override it."""
 
     name = "base"
+
+    def __init__(self) -> None:
+        self.uses: dict[Key, float] = {}  # decayed demand uses, for admission
+        self.uses_t = 0
 
     def touch(self, key: Key) -> None: ...
     def refresh(self, key: Key) -> None: ...
     def insert(self, key: Key, low: bool = False) -> None: ...
     def remove(self, key: Key) -> None: ...
+    def visit(self, layer: int, uses: dict[int, int], tokens: int) -> None: ...
+    def hint(self, key: Key, prob: float) -> None: ...
+
     def victim(self, candidates: list[Key], incoming: Key | None = None) -> Key:
         raise NotImplementedError
+
+    def access(self, key: Key) -> None:
+        """Every demand access, hit or miss (the cache calls it from `lookup`)."""
+        self.uses_t += 1
+        if self.uses_t % 4096 == 0:  # halve every count now and then: old popularity fades
+            self.uses = {k: v / 2 for k, v in self.uses.items() if v >= 0.25}
+        self.uses[key] = self.uses.get(key, 0.0) + 1.0
+
+    def admit(self, incoming: Key, victim: Key, prob: float | None = None) -> bool:
+        mine = self.uses.get(incoming, 0.0) + (1.0 if prob is None else prob)  # this use (or the predicted one)
+        return mine > self.uses.get(victim, 0.0)
 
 
 class LRU(Policy):
     name = "lru"
 
     def __init__(self) -> None:
+        super().__init__()
         self.order: OrderedDict[Key, None] = OrderedDict()
 
     def touch(self, key: Key) -> None:
         self.order.move_to_end(key)
 
-    refresh = touch
+    def refresh(self, key: Key) -> None:
+        self.order.move_to_end(key)
 
     def insert(self, key: Key, low: bool = False) -> None:
         """`low`: a prefetched key enters as the next victim, so a wrong prediction displaces only another."""
@@ -57,6 +83,7 @@ class LFU(Policy):
     name = "lfu"
 
     def __init__(self) -> None:
+        super().__init__()
         self.count: dict[Key, int] = {}
         self.clock: dict[Key, int] = {}
         self.t = 0
@@ -118,6 +145,83 @@ class FateQuota(LRU):
         return pick if pick is not None else next(k for k in self.order if k in allowed)
 
 
+class Reuse(Policy):
+    """Evict the expert whose next use is expected farthest away: an online estimate of Belady's choice.
+
+    Layers run in a fixed cycle, one visit per token. Standing at layer `cur`, an expert of layer l is next
+    wanted at its layer's next visit, d = (pos(l) - pos(cur)) mod n layers ahead (n for `cur` itself: this
+    token's experts are pinned), and each visit routes a token to it with probability p (its decayed share of
+    the layer's tokens). The expected distance to its next use is then
+
+        d + (1 - p1) * n / p        (p1 = p, or the predicted probability when a next-layer prediction hinted it)
+
+    LRU evicts the layer just used last, which in a cycle is the one needed soonest, and thrashes once the
+    cycle outgrows the slots; this keeps both the near layers and the popular experts. Ties: least recently
+    used. Admission (prefetch, partial loads) admits a key whose expected distance is shorter than the victim's."""
+
+    name = "reuse"
+
+    def __init__(self, layers: list[int], *, half_life: float = 64.0, prior: float = 0.25):
+        super().__init__()
+        self.layers = list(layers)
+        self.pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.n = len(self.layers)
+        self.half_life, self.prior = half_life, prior
+        self.freq: dict[int, dict[int, float]] = {layer: {} for layer in self.layers}  # decayed token counts
+        self.tokens: dict[int, float] = dict.fromkeys(self.layers, 0.0)
+        self.hints: dict[Key, float] = {}
+        self.cur: int | None = None
+        self.last: dict[Key, int] = {}
+        self.t = 0
+
+    def visit(self, layer: int, uses: dict[int, int], tokens: int) -> None:
+        decay = 0.5 ** (tokens / self.half_life)
+        f = self.freq.setdefault(layer, {})
+        for e in list(f):
+            f[e] *= decay
+        for e, c in uses.items():
+            f[e] = f.get(e, 0.0) + c
+        self.tokens[layer] = self.tokens.get(layer, 0.0) * decay + tokens
+        self.hints = {k: v for k, v in self.hints.items() if k[0] != layer}  # they were about this visit
+        self.cur = layer
+
+    def hint(self, key: Key, prob: float) -> None:
+        self.hints[key] = prob
+
+    def prob(self, key: Key) -> float:
+        """Share of this layer's tokens routed to the expert (decayed), with a weak prior."""
+        f = self.freq.get(key[0], {}).get(key[1], 0.0)
+        return (f + self.prior) / (self.tokens.get(key[0], 0.0) + 1.0)
+
+    def distance(self, key: Key, first: float | None = None) -> float:
+        """Expected layer steps until the key's next use (`first`: its probability at the next visit)."""
+        if self.cur is None or key[0] not in self.pos:
+            return float(-self.last.get(key, 0))  # never told which layer runs: plain LRU
+        d = (self.pos[key[0]] - self.pos[self.cur]) % self.n or self.n
+        p = min(self.prob(key), 1.0)
+        p1 = self.hints.get(key, p) if first is None else first
+        return d + (1.0 - p1) * self.n / p
+
+    def touch(self, key: Key) -> None:
+        self.t += 1
+        self.last[key] = self.t
+
+    refresh = touch
+
+    def insert(self, key: Key, low: bool = False) -> None:
+        self.last[key] = self.t + 1 if not low else 0
+        self.t += 1
+
+    def remove(self, key: Key) -> None:
+        self.last.pop(key, None)
+
+    def victim(self, candidates: list[Key], incoming: Key | None = None) -> Key:
+        return max(candidates, key=lambda k: (self.distance(k), -self.last.get(k, 0)))
+
+    def admit(self, incoming: Key, victim: Key, prob: float | None = None) -> bool:
+        return self.distance(incoming, prob) < self.distance(victim)
+
+
 def shallow_quotas(slots: int, layers: list[int], strength: float = 1.0) -> dict[int, float]:
     """Quotas summing to `slots`, falling linearly with depth: the shallowest layer gets (1 + strength) times
     the weight of the deepest."""
@@ -134,11 +238,12 @@ def quotas_from_recall(slots: int, recall: dict[int, float], floor: float = 0.1)
     return {layer: slots * v / total for layer, v in w.items()}
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "fate": FateQuota}
+POLICIES = {"lru": LRU, "lfu": LFU, "fate": FateQuota, "reuse": Reuse}
 
 
 def make_policy(name: str, *, slots: int | None = None, layers: list[int] | None = None) -> Policy:
-    """A policy by name; `fate` needs the slot count and the sparse layers for its default quotas."""
+    """A policy by name; `fate` needs the slot count and the sparse layers for its default quotas, `reuse`
+    the sparse layers (their order)."""
     from moepack.errors import MoepackError
 
     if name not in POLICIES:
@@ -147,6 +252,10 @@ def make_policy(name: str, *, slots: int | None = None, layers: list[int] | None
         if slots is None or not layers:
             raise MoepackError("the fate cache policy needs the slot count and the model's layers")
         return FateQuota(shallow_quotas(slots, layers))
+    if name == "reuse":
+        if not layers:
+            raise MoepackError("the reuse cache policy needs the model's layers")
+        return Reuse(layers)
     return POLICIES[name]()
 
 
@@ -189,6 +298,7 @@ class ExpertCache:
 
     def lookup(self, key: Key) -> torch.Tensor | None:
         """The slot of a resident expert (a hit), or None (a miss). Counts either way."""
+        self.policy.access(key)
         slot = self.where.get(key)
         if slot is None:
             self.stats.misses += 1
@@ -221,6 +331,29 @@ class ExpertCache:
             self.stats.prefetch_loads += 1
             self.stats.prefetch_bytes += nbytes
         return self.buffer[slot, :nbytes]
+
+    def visit(self, layer: int, uses: dict[int, int], tokens: int) -> None:
+        """Layer `layer` is about to run `tokens` tokens; `uses[e]` of them are routed to expert e."""
+        self.policy.visit(layer, uses, tokens)
+
+    def hint(self, key: Key, prob: float) -> None:
+        """`key` is predicted for its layer's next visit with probability `prob` (resident or not)."""
+        self.policy.hint(key, prob)
+
+    def would_evict(self, key: Key) -> Key | None:
+        """The key that loading `key` would evict now (None: a free slot, or `key` is resident)."""
+        if key in self.where or self.free:
+            return None
+        candidates = [k for k in self.where if k not in self.pinned]
+        return self.policy.victim(candidates, key) if candidates else None
+
+    def admits(self, key: Key, prob: float | None = None) -> bool:
+        """Whether loading `key` now is worth what it would evict (True with a free slot; False if every slot
+        is pinned). `prob`: `key` is a prediction with that probability, not a demand use."""
+        if key in self.where or self.free:
+            return True
+        victim = self.would_evict(key)
+        return victim is not None and self.policy.admit(key, victim, prob)
 
     def refresh(self, key: Key) -> bool:
         """Mark a resident key as wanted soon (no hit counted). False if it is not resident."""

@@ -6,8 +6,19 @@ predicted for the next layer, see runtime/prefetch.py) is issued into unpinned s
 computed, resident ones first, each unpinned once done so a later load may reuse its slot. Outputs are summed
 in expert-id order whatever the compute order, so the cache state never changes the numbers.
 
-Optional adaptive execution (runtime/adaptive.py): big-little routing (`big_little` threshold) and FloE
-channel sparsity (`sparse_keep`), optionally with partial loads (only up and the kept rows of gate/down move)."""
+Before a layer runs, the cache's policy is told which experts its tokens route to (`ExpertCache.visit`), so
+policies that estimate reuse (`reuse`) can follow the layer cycle.
+
+Prefetches are gated: a prediction comes with a probability (the prefetcher's measured hit rate for that
+kind of prediction); below `prefetch_min_prob` it is only a hint to the policy, and a prediction is loaded
+only when the policy admits it over the expert it would evict (`ExpertCache.admits`), so a prefetch never
+displaces an expert the policy values more.
+
+Optional adaptive execution (runtime/adaptive.py): big-little routing (`big_little` threshold; a token whose
+little share is at least `fallback` also drops a big expert that is not resident, see `_fallback`) and FloE
+channel sparsity (`sparse_keep`), optionally with partial loads: a resident expert computes from its slot; a
+miss the policy admits is loaded whole into a slot (and later tokens hit it); a miss it does not admit moves
+only up and the kept rows of gate/down, straight from the pack, and is not cached."""
 
 from __future__ import annotations
 
@@ -20,9 +31,12 @@ import torch.nn.functional as F
 from moepack.format import Pack, projection_parts
 from moepack.format.constants import PROJECTIONS
 from moepack.kernels import Backend, matmul, matmul_t
-from moepack.runtime.adaptive import big_little_mask, reweight, select_channels
+from moepack.runtime.adaptive import big_little_mask, little_share, reweight, select_channels
 from moepack.runtime.cache import ExpertCache
 from moepack.runtime.streamer import Streamer
+
+PREFETCH_MIN_PROB = 0.75  # predictions less likely than this are hints only (see benchmarks/bench_prefetch.py)
+FALLBACK_SHARE = 0.7  # big-little: tokens whose little half carries less router weight never fall back
 
 Key = tuple[int, int]
 
@@ -50,22 +64,26 @@ def _rowwise(name: str) -> bool:
 
 class StreamingExecutor:
     def __init__(self, pack: Pack, cache: ExpertCache | None, streamer: Streamer | None, *,
-                 backend: Backend = Backend.AUTO, big_little: float | None = None, fallback: bool = True,
-                 sparse_keep: float | None = None, partial_loads: bool = False, device: torch.device | None = None):
+                 backend: Backend = Backend.AUTO, big_little: float | None = None,
+                 fallback: float | None = FALLBACK_SHARE,
+                 sparse_keep: float | None = None, partial_loads: bool = False, device: torch.device | None = None,
+                 prefetch_min_prob: float = PREFETCH_MIN_PROB):
         """With `cache=None` every expert is used in place from the mapped pack (CPU, no budget)."""
         self.pack, self.cache, self.streamer, self.backend = pack, cache, streamer, backend
         self.records = pack.expert_records
-        self.big_little, self.fallback = big_little, fallback
+        self.big_little = big_little
+        self.fallback = fallback if big_little is not None else None  # a little-share threshold, or None: off
         self.sparse_keep = sparse_keep
         self.partial_loads = partial_loads and sparse_keep is not None and cache is not None
         self.device = device if device is not None else (cache.device if cache is not None else torch.device("cpu"))
         self.pending: dict[Key, torch.cuda.Event] = {}
-        self.prefetch_queue: list[Key] = []  # issued after the current layer's own loads
+        self.prefetch_queue: list[tuple[Key, float | None]] = []  # (key, probability or None: a demand miss)
+        self.prefetch_min_prob = prefetch_min_prob
         self.prefetch_pins: list[Key] = []  # prefetched keys held until the next layer's experts are pinned
         self.trace: list[Key] = []  # every demand access, in order (for the Belady bound)
         self.stall_s = 0.0  # time compute waited for transfers
         self.expert_calls = 0
-        self.counts: Counter[str] = Counter()  # tokens, little_tokens, fallback_tokens, rows_*, partial_*
+        self.counts: Counter[str] = Counter()  # tokens, little_tokens, fallback_tokens, rows_*, partial_*, prefetch_*
 
     def reset_counters(self) -> None:
         self.trace.clear()
@@ -87,8 +105,9 @@ class StreamingExecutor:
         return self.load(key)
 
     def _acquire(self, key: Key) -> torch.Tensor | None:
-        """Like ensure, but a miss under partial loads returns None: computed from the mapped pack, no slot."""
-        if self.partial_loads and key not in self.cache:
+        """Like ensure, but under partial loads a miss the policy does not admit returns None: it is computed
+        from the kept rows read straight from the pack, with no slot."""
+        if self.partial_loads and key not in self.cache and not self.cache.admits(key):
             self.cache.lookup(key)  # counts the miss
             return None
         return self.ensure(key)
@@ -110,21 +129,38 @@ class StreamingExecutor:
                 self.stall_s += time.perf_counter() - t0
             torch.cuda.current_stream().wait_event(event)
 
-    def queue_prefetch(self, keys: list[Key]) -> None:
-        self.prefetch_queue.extend(keys)
+    def queue_prefetch(self, keys: list[Key], probs: list[float] | None = None) -> None:
+        """Queue predicted experts, most wanted first; `probs[i]` is the chance that keys[i] is used at its
+        layer's next visit (None: always worth trying, subject to admission)."""
+        self.prefetch_queue.extend(zip(keys, probs if probs is not None else [None] * len(keys), strict=True))
 
     def _issue_prefetch(self) -> None:
-        """Load queued experts into unpinned slots (never evicting a pinned one or one just prefetched)."""
-        keys, self.prefetch_queue = self.prefetch_queue, []
+        """Load queued experts into unpinned slots: each prediction hints the policy; it is loaded only if
+        likely enough (`prefetch_min_prob`) and admitted over the key it would evict (never a pinned one or
+        one just prefetched)."""
+        queue, self.prefetch_queue = self.prefetch_queue, []
         cache = self.cache
         if cache is None:
             return
-        for key in dict.fromkeys(keys):
+        seen: set[Key] = set()
+        for key, prob in queue:
+            if key in seen:
+                continue
+            seen.add(key)
+            if prob is not None:
+                cache.hint(key, prob)
             if cache.refresh(key):  # resident: keep it
+                continue
+            if prob is not None and prob < self.prefetch_min_prob:
+                self.counts["prefetch_unlikely"] += 1
                 continue
             if len(cache.pinned) >= cache.slots:
                 break
+            if not cache.admits(key, prob):
+                self.counts["prefetch_not_admitted"] += 1
+                continue
             self.load(key, prefetch=True)
+            self.counts["prefetch_issued"] += 1
             cache.pinned.add(key)  # until the next layer has pinned what it uses
             self.prefetch_pins.append(key)
 
@@ -135,26 +171,30 @@ class StreamingExecutor:
         self.prefetch_pins = []
 
     # -- big-little ----------------------------------------------------------------------------------------
-    def _route_big_little(self, layer: int, topk_ids: torch.Tensor,
-                          topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(active [T, k] bool, weights [T, k]): little tokens drop their big-only slots; an important token
-        whose big-only expert is missing from the cache falls back to its little set, and the missing expert
-        is queued for prefetch (so the next token finds it)."""
-        little, active = big_little_mask(topk_weights, self.big_little)
+    def _fallback(self, layer: int, topk_ids: torch.Tensor, active: torch.Tensor,
+                  share: torch.Tensor) -> torch.Tensor:
+        """A token that runs its big set but whose little share is at least `fallback` (important, but not by
+        much: its big-only experts carry at most 1 - fallback of its router weight) drops a big-only expert
+        that is not resident and runs its little set; the missing expert is queued for prefetch (so the next
+        token may find it; gated like any). Tokens below the threshold always run their full set."""
         kl = max(1, topk_ids.shape[1] // 2)
-        self.counts["little_tokens"] += int(little.sum())
-        if self.fallback and self.cache is not None and topk_ids.shape[1] > kl:
-            required = set(topk_ids[:, :kl].unique().tolist())
-            big = topk_ids[:, kl:]
-            optional = set(big[active[:, kl:]].unique().tolist()) - required
-            missing = [e for e in optional if (layer, e) not in self.cache]
-            if missing:
-                miss = torch.isin(big, torch.tensor(missing, device=big.device)) & active[:, kl:]
-                fall = miss.any(1)  # [T]
-                active[:, kl:] &= ~fall[:, None]
-                self.counts["fallback_tokens"] += int(fall.sum())
-                self.prefetch_queue[:0] = [(layer, e) for e in sorted(missing)]
-        return active, reweight(topk_weights, active)
+        if self.fallback is None or self.cache is None or topk_ids.shape[1] <= kl:
+            return active
+        eligible = active[:, kl:].any(1) & (share >= self.fallback)  # [T]
+        if not bool(eligible.any()):
+            return active
+        big, big_active = topk_ids[:, kl:], active[:, kl:]
+        # loaded anyway: every little set, and the big sets of tokens that cannot fall back
+        required = set(topk_ids[:, :kl].unique().tolist()) | set(big[big_active & ~eligible[:, None]].unique().tolist())
+        optional = set(big[big_active & eligible[:, None]].unique().tolist()) - required
+        missing = [e for e in sorted(optional) if (layer, e) not in self.cache]
+        if missing:
+            miss = torch.isin(big, torch.tensor(missing, device=big.device)) & big_active
+            fall = miss.any(1) & eligible  # [T]
+            active[:, kl:] &= ~fall[:, None]
+            self.counts["fallback_tokens"] += int(fall.sum())
+            self.prefetch_queue[:0] = [((layer, e), None) for e in missing]
+        return active
 
     # -- compute -------------------------------------------------------------------------------------------
     def _compute(self, key: Key, blob: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -205,14 +245,23 @@ class StreamingExecutor:
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids/topk_weights [T, k] -> weighted sum of the routed experts' outputs [T, H]."""
         self.counts["tokens"] += x.shape[0]
+        cache = self.cache
         active = None
-        if self.big_little is not None:
-            active, topk_weights = self._route_big_little(layer, topk_ids, topk_weights)
+        if self.big_little is not None:  # little tokens drop their big-only experts
+            share = little_share(topk_weights)
+            little, active = big_little_mask(topk_weights, self.big_little, share)
+            self.counts["little_tokens"] += int(little.sum())
+        if cache is not None:  # what this layer's tokens want (before any fallback, which depends on the cache)
+            wanted = topk_ids if active is None else topk_ids[active]
+            ids, n = wanted.unique(return_counts=True)
+            cache.visit(layer, dict(zip(ids.tolist(), n.tolist(), strict=True)), x.shape[0])
+        if active is not None:
+            active = self._fallback(layer, topk_ids, active, share)
+            topk_weights = reweight(topk_weights, active)
             experts = sorted(topk_ids[active].unique().tolist())
         else:
             experts = sorted(topk_ids.unique().tolist())
         self.trace.extend((layer, e) for e in experts)
-        cache = self.cache
         order = list(experts)
         if cache is not None:  # resident ones first: they compute while the missing ones stream in
             order.sort(key=lambda e: (layer, e) not in cache)

@@ -7,7 +7,14 @@ after issuing L's own loads (on CUDA asynchronously on the streamer's side strea
 computes). Prefetching only moves bytes: it never changes which experts run or the numbers.
 
 Each prediction is scored when L' routes: per token, |predicted ∩ routed| over |predicted| (precision) and over
-|routed| (recall), summed over tokens (micro averages), per layer and in total."""
+|routed| (recall), summed over tokens (micro averages), per layer and in total.
+
+Gating. Every prediction is queued with a probability: the measured hit rate, so far in this run, of the
+predictions of the same rank for the same layer (rank 1 = the next router's top choice; a Laplace prior of
+1/2 at the start). The executor loads a prediction only when that probability reaches its
+`prefetch_min_prob` and the cache policy admits it over the expert it would evict; otherwise it only hints
+the policy. So a layer whose predictions miss stops prefetching by itself (and resumes if they improve, since
+predictions are scored whether loaded or not), and rank-2 guesses are loaded only where they are reliable."""
 
 from __future__ import annotations
 
@@ -62,6 +69,27 @@ class PredictionScore:
         return {layer: (h / a if a else 0.0) for layer, (h, _, a) in self.per_layer.items()}
 
 
+class RankCalibration:
+    """Hit rate of predictions per (layer, rank), with a prior of `prior_hits` / `prior_n`."""
+
+    def __init__(self, prior_hits: float = 1.0, prior_n: float = 2.0):
+        self.prior_hits, self.prior_n = prior_hits, prior_n
+        self.hits: dict[tuple[int, int], float] = {}
+        self.n: dict[tuple[int, int], float] = {}
+
+    def add(self, layer: int, pred: torch.Tensor, actual: torch.Tensor) -> None:
+        """pred [T, w] ranked predictions, actual [T, k] routed ids."""
+        hit = (pred[:, :, None] == actual[:, None, :]).any(-1)  # [T, w]
+        for r in range(pred.shape[1]):
+            key = (layer, r)
+            self.hits[key] = self.hits.get(key, 0.0) + float(hit[:, r].sum())
+            self.n[key] = self.n.get(key, 0.0) + pred.shape[0]
+
+    def prob(self, layer: int, rank: int) -> float:
+        key = (layer, rank)
+        return (self.hits.get(key, 0.0) + self.prior_hits) / (self.n.get(key, 0.0) + self.prior_n)
+
+
 class FatePrefetcher:
     """Hooks a MoeModel's routing; predictions go to `executor.queue_prefetch` (when `issue` is set) and are
     scored either way, so prediction quality can be measured without prefetching."""
@@ -74,6 +102,7 @@ class FatePrefetcher:
         self.next_layer = {a: b for a, b in zip(layers, layers[1:], strict=False)}
         self.predicted: dict[int, torch.Tensor] = {}
         self.score = PredictionScore()
+        self.calibration = RankCalibration()  # kept across runs: it only gets better
         model.route_hooks.append(self.on_route)
 
     def reset_counters(self) -> None:
@@ -84,14 +113,23 @@ class FatePrefetcher:
         pred = self.predicted.pop(layer, None)
         if pred is not None and pred.shape[0] == topk_ids.shape[0]:
             self.score.add(layer, pred, topk_ids)
+            self.calibration.add(layer, pred, topk_ids)
         nxt = self.next_layer.get(layer)
         if nxt is None:
             return
         probs = torch.softmax(self.model.router_logits(nxt, x).float(), dim=-1)  # [T, E]
         top = torch.topk(probs, self.width, dim=-1)  # [T, w]
         self.predicted[nxt] = top.indices
-        if self.issue:  # most wanted first: predicted probability summed over the tokens
-            mass = torch.zeros(probs.shape[1], device=probs.device).index_add_(
-                0, top.indices.flatten(), top.values.flatten())
-            order = mass.argsort(descending=True, stable=True)[: int((mass > 0).sum())].tolist()
-            self.executor.queue_prefetch([(nxt, e) for e in order])
+        if self.issue:
+            # each expert's chance to be used by some token: 1 - prod over the tokens predicting it of
+            # (1 - that rank's hit rate); most likely first
+            q = [self.calibration.prob(nxt, r) for r in range(self.width)]
+            miss = torch.ones(probs.shape[1], dtype=torch.float64)
+            for r in range(self.width):
+                for e in top.indices[:, r].tolist():
+                    miss[e] *= 1.0 - q[r]
+            chance = 1.0 - miss
+            mass = torch.zeros(probs.shape[1], dtype=torch.float64).index_add_(
+                0, top.indices.flatten().cpu(), top.values.flatten().double().cpu())  # ties: router mass
+            order = sorted((e for e in range(probs.shape[1]) if chance[e] > 0), key=lambda e: (-chance[e], -mass[e]))
+            self.executor.queue_prefetch([(nxt, e) for e in order], [float(chance[e]) for e in order])
