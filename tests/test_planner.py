@@ -57,6 +57,21 @@ def test_skewed_routing_needs_fewer_experts():
     assert predict(skew, HW, batches=2, slots=3).loads_per_step < predict(toy(), HW, batches=2, slots=3).loads_per_step
 
 
+def test_batch_size_counts_sequences_in_flight():
+    """2 batches of 3 sequences decode like 6 batches of one in steady state; a whole run differs only in how
+    many prompt chunks share a step; KV memory grows with every sequence."""
+    shape = toy(num_layers=2, sparse_layers=2)
+    six = predict(shape, HW, batches=6, slots=3)
+    two_by_three = predict(shape, HW, batches=2, slots=3, batch_size=3)
+    assert two_by_three.tokens_per_s == pytest.approx(six.tokens_per_s)
+    assert two_by_three.batch_size == 3
+    lens = [5, 9, 3, 7, 4, 6]
+    run6 = predict(shape, HW, batches=6, slots=3, prompts=lens, max_new_tokens=4)
+    run23 = predict(shape, HW, batches=2, slots=3, batch_size=3, prompts=lens, max_new_tokens=4)
+    assert run23.run_s < run6.run_s  # three prompts prefill per step instead of one
+    assert slots_for(toy(), 40_000_000, 2, 1000, batch_size=3) == slots_for(toy(), 40_000_000, 6, 1000)
+
+
 def test_slots_for_budget():
     shape = toy(sparse_layers=8, num_layers=8)
     assert slots_for(shape, 10_000_000 + 4 * 100 * 1000 + 5_000_000, 4, 100) == 5

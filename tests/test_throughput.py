@@ -65,6 +65,24 @@ def test_batched_equals_single_runs(packs, reference, family, batches, slots, st
     assert res.stats.duplicate_loads == 0
 
 
+def test_batch_size_puts_batches_times_size_in_flight(packs, reference):
+    """2 batches of 2 sequences: four sequences advance per step (the fifth waits), outputs unchanged."""
+    pm = load_for_throughput(packs("mixtral"), vram=None, batches=2, batch_size=2, slots=4, context=64)
+    steps = []
+    with ThroughputEngine(pm, batches=2, batch_size=2) as engine:
+        real = engine._step
+
+        def counting(seqs, feeds):
+            steps.append(len(seqs))
+            return real(seqs, feeds)
+
+        engine._step = counting
+        res = engine.generate(prompts(), max_new_tokens=NEW)
+    assert [r.tokens for r in res.results] == reference("mixtral")
+    assert max(steps) == 4 and res.stats.batch_size == 2
+    assert steps[0] == 2  # one batch's worth of prefill chunks per step
+
+
 def test_hot_experts_and_no_prefetch_keep_outputs(packs, reference):
     pm = load_for_throughput(packs("mixtral"), vram=None, batches=4, slots=6, context=64)
     hot = [(0, 0), (1, 3), (2, 5)]
@@ -110,7 +128,7 @@ def test_cli_run_prompts_json(packs, tmp_path):
                                    "--vram", "64MB", "--context", "64", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
-    assert len(data["results"]) == 3 and data["batches"] == 2
+    assert len(data["results"]) == 3 and data["batches"] == 2 and data["batch_size"] == 1
     for field in ("tokens_per_s", "stall_fraction", "loads", "latencies_s", "duplicate_loads"):
         assert field in data, field
     assert data["duplicate_loads"] == 0

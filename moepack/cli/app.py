@@ -69,15 +69,18 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     context: int = typer.Option(2048, "--context", help="Longest prompt + generation the KV cache is planned for."),
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, or fate (per-layer quotas favouring shallow layers)."),
+    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, fate (per-layer quotas favouring shallow layers), or reuse (evict the expert whose next use is expected farthest away)."),
     prefetch: str = typer.Option("none", "--prefetch", help="none, or fate: predict the next layer's experts from this layer's router input and load them early."),
+    prefetch_min_prob: float = typer.Option(0.75, "--prefetch-min-prob", help="With --prefetch fate: load a predicted expert only if predictions like it (same layer and rank) have hit at least this often so far; 0 loads every prediction."),
     adaptive_k: str = typer.Option("off", "--adaptive-k", help="off, or a threshold in (0,1]: tokens whose top half of top-k carries that share of router weight run only that half (big-little)."),
+    fallback: str = typer.Option("0.7", "--fallback", help="With --adaptive-k and a budget: off, or a share in (0,1]: a token whose top half carries at least this share of its router weight runs only that half when a big expert is not resident (and prefetches it)."),
     sparse_channels: str = typer.Option("off", "--sparse-channels", help="off, or the fraction of expert channels kept per token, chosen by |up(x)| (FloE)."),
     partial_loads: bool = typer.Option(False, "--partial-loads", help="With --sparse-channels: on a miss move only up and the kept rows of gate/down (not cached)."),
     stats: bool = typer.Option(False, "--stats", help="Print run statistics after the text."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text and statistics)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Throughput mode: a file with one prompt per line."),
-    batches: int = typer.Option(4, "--batches", help="Throughput mode: sequences in flight (see `moepack plan`)."),
+    batches: int = typer.Option(4, "--batches", help="Throughput mode: batches in flight (see `moepack plan`)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Throughput mode: sequences per batch (batches x batch size in flight)."),
 ) -> None:
     """Generate text from a pack with a budgeted expert cache."""
     from moepack.cli import run_cmd
@@ -86,7 +89,7 @@ def run(
         if prompts_file is not None:  # throughput mode: moepack/cli/throughput_cmd.py
             from moepack.cli import throughput_cmd
 
-            throughput_cmd.run(pack, prompts_file=prompts_file, batches=batches, vram=vram, device=device,
+            throughput_cmd.run(pack, prompts_file=prompts_file, batches=batches, batch_size=batch_size, vram=vram, device=device,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                context=context, backend=backend, cache_policy=cache_policy, stats=stats,
                                json_out=json_out)
@@ -96,7 +99,7 @@ def run(
         run_cmd.run(pack, prompt=prompt, vram=vram, device=device, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend,
                     cache_policy=cache_policy, stats=stats, json_out=json_out, prefetch=prefetch, adaptive_k=adaptive_k,
-                    sparse_channels=sparse_channels, partial_loads=partial_loads)
+                    prefetch_min_prob=prefetch_min_prob, fallback=fallback, sparse_channels=sparse_channels, partial_loads=partial_loads)
     except MoepackError as exc:
         _fail(exc)
 
@@ -133,6 +136,7 @@ def plan(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
     trace_prompts: int = typer.Option(4, "--trace-prompts", help="Prompts run to collect a routing trace when the manifest has no frequencies."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Sequences per batch (as `moepack run --batch-size`)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose batches, expert slots and hot experts for throughput mode; predict tokens/s and where time goes."""
@@ -140,7 +144,8 @@ def plan(
 
     try:
         plan_cmd.run(pack, vram=vram, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps,
-                     context=context, device=device, backend=backend, trace_count=trace_prompts, json_out=json_out)
+                     context=context, device=device, backend=backend, trace_count=trace_prompts, json_out=json_out,
+                     batch_size=batch_size)
     except MoepackError as exc:
         _fail(exc)
 

@@ -28,7 +28,7 @@ def trace_prompts(pm, count: int) -> list[list[int]]:
 
 def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_gbps=None, context: int = 2048,
               device: str = "auto", backend: str = "auto", trace_count: int = 4, prompts: list[int] | None = None,
-              max_new_tokens: int = 64):
+              max_new_tokens: int = 64, batch_size: int = 1):
     """(Plan, MoePackModel) for a pack path or name."""
     from moepack.errors import BudgetError
     from moepack.format import Pack
@@ -40,8 +40,8 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
     budget = parse_size(vram)
     with Pack(resolve_pack(pack)) as p:  # fail on a hopeless budget before measuring anything
         shape = ModelShape.from_pack(p)
-    if slots_for(shape, budget, 1, context) < shape.top_k:
-        raise BudgetError(f"--vram {vram} is too small: dense weights, one KV cache of {context} tokens and "
+    if slots_for(shape, budget, 1, context, batch_size) < shape.top_k:
+        raise BudgetError(f"--vram {vram} is too small: dense weights, {batch_size} KV cache(s) of {context} tokens and "
                           f"{shape.top_k} expert slots need more; compress harder or shorten --context")
     on_cuda = pick_device(device).type == "cuda"
     pm = MoePackModel.load(resolve_pack(pack), vram=vram if on_cuda else None, device=device, backend=backend,
@@ -51,15 +51,17 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
         trace = collect_trace(pm, trace_prompts(pm, trace_count), max_new_tokens=8)
     hw = measure_hardware(pm, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps)
     shape = ModelShape.from_pack(pm.pack, trace=trace, dtype=pm.model.dtype)
-    return choose(shape, hw, budget, context=context, prompts=prompts, max_new_tokens=max_new_tokens), pm
+    return choose(shape, hw, budget, context=context, prompts=prompts, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size), pm
 
 
 def run(pack: str, *, vram: str, link_gbps, device_tflops, mem_gbps, context: int, device: str, backend: str,
-        trace_count: int, json_out: bool) -> None:
+        trace_count: int, json_out: bool, batch_size: int = 1) -> None:
     err = Console(stderr=True)
     with err.status("measuring", spinner="dots"):
         plan, _ = make_plan(pack, vram=vram, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps,
-                            context=context, device=device, backend=backend, trace_count=trace_count)
+                            context=context, device=device, backend=backend, trace_count=trace_count,
+                            batch_size=batch_size)
     if json_out:
         print(json.dumps(plan.to_json(), indent=1))
         return
@@ -73,7 +75,7 @@ def print_plan(console: Console, plan) -> None:
     console.print(f"hardware ({hw.source}): link {hw.link_gbps:.2f} GB/s, expert call {hw.expert_fixed_s * 1e3:.2f} ms "
                   f"+ {hw.expert_token_s * 1e3:.3f} ms/token, dense {hw.dense_token_s * 1e3:.3f} ms/token/layer, "
                   f"head {hw.head_token_s * 1e3:.3f} ms/token, overlap {hw.overlap:.0%}", highlight=False)
-    t = Table(title="predicted decode (per step: every batch +1 token)")
+    t = Table(title=f"predicted decode (batches of {best.batch_size} sequences; per step: every sequence +1 token)")
     for col in ("batches", "slots", "hot", "tokens/s", "step ms", "compute ms", "transfer ms", "stall ms",
                 "loads/step", "MB/token"):
         t.add_column(col, justify="right")
@@ -83,5 +85,6 @@ def print_plan(console: Console, plan) -> None:
                   f"{p.compute_s * 1e3:.1f}", f"{p.transfer_s * 1e3:.1f}", f"{p.stall_s * 1e3:.1f}",
                   f"{p.loads_per_step:.1f}", f"{p.bytes_per_token / 1e6:.2f}")
     console.print(t)
-    console.print(f"plan: [bold]--batches {best.batches}[/], {best.slots} expert slots "
+    size = f" --batch-size {best.batch_size}" if best.batch_size > 1 else ""
+    console.print(f"plan: [bold]--batches {best.batches}{size}[/], {best.slots} expert slots "
                   f"({best.hot} hot experts pinned, {best.slots - best.hot} streaming): {plan.reason}", highlight=False)

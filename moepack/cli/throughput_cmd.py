@@ -1,4 +1,5 @@
-"""`moepack run PACK --prompts FILE --batches N`: generate for every line of FILE with N batches in flight."""
+"""`moepack run PACK --prompts FILE --batches N [--batch-size B]`: generate for every line of FILE with N
+batches of B sequences in flight."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def run(pack: str, *, prompts_file: Path, batches: int, vram, device, max_new_tokens, temperature, top_p, seed,
+def run(pack: str, *, prompts_file: Path, batches: int, batch_size: int = 1, vram, device, max_new_tokens, temperature, top_p, seed,
         context, backend, cache_policy, stats: bool, json_out: bool) -> None:
     from moepack.runtime.throughput import generate_many, load_for_throughput
     from moepack.source import resolve_pack
@@ -30,13 +31,13 @@ def run(pack: str, *, prompts_file: Path, batches: int, vram, device, max_new_to
     prompts = read_prompts(prompts_file)
     err = Console(stderr=True)
     with err.status("loading pack", spinner="dots"):
-        model = load_for_throughput(resolve_pack(pack), vram=vram, batches=batches, device=device, backend=backend,
+        model = load_for_throughput(resolve_pack(pack), vram=vram, batches=batches, batch_size=batch_size, device=device, backend=backend,
                                     cache_policy=cache_policy, context=context)
     if model.budget is not None and not json_out:
-        err.print(f"[dim]budget ({batches} batches): {model.budget.describe()}[/]", highlight=False)
+        err.print(f"[dim]budget ({batches} batches of {batch_size}): {model.budget.describe()}[/]", highlight=False)
     # next-layer prefetch pays where a copy engine overlaps compute (CUDA); CPU copies share the compute cores
     prefetch = model.model.device.type == "cuda"
-    result = generate_many(model, prompts, batches=batches, max_new_tokens=max_new_tokens, temperature=temperature,
+    result = generate_many(model, prompts, batches=batches, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, seed=seed, prefetch=prefetch)
     if json_out:
         print(json.dumps({"results": [{"prompt": prompts[r.index], "text": r.text, "tokens": r.tokens,
@@ -51,7 +52,7 @@ def run(pack: str, *, prompts_file: Path, batches: int, vram, device, max_new_to
 
 def print_stats(console: Console, s) -> None:
     t = Table(title="throughput statistics", show_header=False)
-    t.add_row("prompts / batches", f"{s.prompts} prompts, {s.batches} batches in flight")
+    t.add_row("prompts / batches", f"{s.prompts} prompts, {s.batches} batches of {s.batch_size} in flight")
     t.add_row("generated", f"{s.generated_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tokens/s")
     t.add_row("latency per prompt", f"mean {s.mean_latency_s:.2f} s, max {max(s.latencies_s):.2f} s")
     t.add_row("expert loads", f"{s.loads} ({s.loads_per_layer_step:.2f} per layer step), {s.bytes_moved / 1e6:.1f} MB")

@@ -15,9 +15,10 @@ routing trace or the manifest's profiled frequencies, uniform k/E otherwise):
           = C + X                                     not pipelined (the plain runtime on the CPU)
     stall = layer - C
 
-A step adds t * head_token (final norm, lm_head, sampling) and the dense layers. A run is simulated step by
-step with the engine's own scheduler (queue, one prefill chunk per step, continuous refill), so prefill,
-tails and the batches that ride along a prefill step are all counted.
+with t = batches x batch_size sequences in flight. A step adds t * head_token (final norm, lm_head, sampling)
+and the dense layers. A run is simulated step by step with the engine's own scheduler (queue, at most one
+batch's worth of prefill chunks per step, continuous refill), so prefill, tails and the sequences that ride
+along a prefill step are all counted.
 
 Light on purpose: numpy and torch only (measurement), no scipy."""
 
@@ -130,6 +131,7 @@ class Prediction:
     run_tokens_per_s: float | None = None
     mean_latency_s: float | None = None
     memory: dict = field(default_factory=dict)
+    batch_size: int = 1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -166,50 +168,53 @@ def layer_times(shape: ModelShape, hw: Hardware, tokens: int, hot: set, *, pipel
     return total + extra, comp + extra, xfer, loads
 
 
-def slots_for(shape: ModelShape, vram: int | None, batches: int, context: int) -> int:
-    """Expert slots left by a budget once dense weights, `batches` KV caches and the workspace are in."""
+def slots_for(shape: ModelShape, vram: int | None, batches: int, context: int, batch_size: int = 1) -> int:
+    """Expert slots left by a budget once dense weights, batches x batch_size KV caches and the workspace are in."""
     if vram is None:
         return shape.total_experts
-    fixed = shape.dense_bytes + batches * context * shape.kv_bytes_per_token + shape.workspace_bytes
+    fixed = shape.dense_bytes + batches * batch_size * context * shape.kv_bytes_per_token + shape.workspace_bytes
     return int(max(0, min(shape.total_experts, (vram - fixed) // shape.expert_bytes)))
 
 
 def predict(shape: ModelShape, hw: Hardware, *, batches: int, slots: int, hot: int = 0, pipelined: bool = True,
-            prompts: list[int] | None = None, max_new_tokens: int = 64) -> Prediction:
+            prompts: list[int] | None = None, max_new_tokens: int = 64, batch_size: int = 1) -> Prediction:
     """Steady-state decode prediction; with `prompts` (their lengths) also a simulated whole run."""
     streaming = slots - hot
     pipe = pipelined and streaming >= 2
     resident = slots >= shape.total_experts
-    hs = set(hot_set(shape, hot, batches))
-    t, c, x, loads = layer_times(shape, hw, batches, hs, pipelined=pipe, all_resident=resident,
+    seqs = batches * batch_size
+    hs = set(hot_set(shape, hot, seqs))
+    t, c, x, loads = layer_times(shape, hw, seqs, hs, pipelined=pipe, all_resident=resident,
                                  streaming_slots=streaming)
-    head = batches * hw.head_token_s
+    head = seqs * hw.head_token_s
     t, c = t + head, c + head
-    pred = Prediction(batches=batches, slots=slots, hot=hot, pipelined=pipe, tokens_per_s=batches / t, step_s=t,
+    pred = Prediction(batches=batches, slots=slots, hot=hot, pipelined=pipe, tokens_per_s=seqs / t, step_s=t,
                       compute_s=c, transfer_s=x, stall_s=max(0.0, t - c), loads_per_step=loads,
-                      bytes_per_token=loads * shape.expert_bytes / batches)
+                      bytes_per_token=loads * shape.expert_bytes / seqs, batch_size=batch_size)
     if prompts:
-        pred.run_s, pred.mean_latency_s = simulate_run(shape, hw, prompts, max_new_tokens, batches, hs,
-                                                       pipelined=pipe, resident=resident, streaming_slots=streaming)
+        pred.run_s, pred.mean_latency_s = simulate_run(shape, hw, prompts, max_new_tokens, seqs, hs,
+                                                       pipelined=pipe, resident=resident, streaming_slots=streaming,
+                                                       prefill_per_step=batch_size)
         pred.run_tokens_per_s = len(prompts) * max_new_tokens / pred.run_s
     return pred
 
 
-def simulate_run(shape: ModelShape, hw: Hardware, prompts: list[int], max_new_tokens: int, batches: int,
-                 hot: set, *, pipelined: bool, resident: bool = False,
-                 streaming_slots: int | None = None) -> tuple[float, float]:
-    """(total seconds, mean per-prompt latency) following the engine's scheduler step by step."""
+def simulate_run(shape: ModelShape, hw: Hardware, prompts: list[int], max_new_tokens: int, in_flight: int,
+                 hot: set, *, pipelined: bool, resident: bool = False, streaming_slots: int | None = None,
+                 prefill_per_step: int = 1) -> tuple[float, float]:
+    """(total seconds, mean per-prompt latency) following the engine's scheduler step by step, with
+    `in_flight` sequences at once and at most `prefill_per_step` prompt chunks per step."""
     queue = deque(range(len(prompts)))
     active: list[list[int]] = []  # [index, prompt tokens left, tokens generated]
     now, latencies, first = 0.0, [], True
     while queue or active:
-        while queue and len(active) < batches:
+        while queue and len(active) < in_flight:
             i = queue.popleft()
             active.append([i, prompts[i], 0])
         tokens, stepping, prefills = 0, [], 0
         for s in active:
             if s[1] > 0:
-                if prefills:
+                if prefills >= prefill_per_step:
                     continue
                 prefills += 1
                 n = min(PREFILL_CHUNK, s[1])
@@ -243,7 +248,7 @@ class Plan:
     def to_json(self) -> dict:
         s = asdict(self.shape)
         s.pop("probs")
-        return {"batches": self.best.batches, "slots": self.best.slots, "hot_experts": self.best.hot,
+        return {"batches": self.best.batches, "batch_size": self.best.batch_size, "slots": self.best.slots, "hot_experts": self.best.hot,
                 "streaming_slots": self.best.slots - self.best.hot,
                 "predicted_tokens_per_s": self.best.tokens_per_s, "reason": self.reason,
                 "time_per_step": {"compute_s": self.best.compute_s, "transfer_s": self.best.transfer_s,
@@ -258,20 +263,21 @@ def _rate(p: Prediction) -> float:
 
 def choose(shape: ModelShape, hw: Hardware, vram: int | None, *, context: int = 2048,
            candidates: tuple[int, ...] = BATCH_CANDIDATES, within: float = 0.95,
-           prompts: list[int] | None = None, max_new_tokens: int = 64) -> Plan:
+           prompts: list[int] | None = None, max_new_tokens: int = 64, batch_size: int = 1) -> Plan:
     """Best (batches, hot) under the budget: the fewest batches within `within` of the best tokens/s
     (more batches only pay while they still raise throughput: they cost latency and KV memory)."""
     table: list[Prediction] = []
     for n in candidates:
-        slots = slots_for(shape, vram, n, context)
+        slots = slots_for(shape, vram, n, context, batch_size)
         if slots < shape.top_k:
             continue
         best_n = None
         for hot in sorted({0, slots // 4, slots // 2, max(0, slots - 2)}):
             if slots - hot < min(2, slots):
                 continue
-            p = predict(shape, hw, batches=n, slots=slots, hot=hot, prompts=prompts, max_new_tokens=max_new_tokens)
-            p.memory = {"dense": shape.dense_bytes, "kv": n * context * shape.kv_bytes_per_token,
+            p = predict(shape, hw, batches=n, slots=slots, hot=hot, prompts=prompts, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size)
+            p.memory = {"dense": shape.dense_bytes, "kv": n * batch_size * context * shape.kv_bytes_per_token,
                         "workspace": shape.workspace_bytes, "experts": slots * shape.expert_bytes}
             if best_n is None or _rate(p) > _rate(best_n) * 1.001:
                 best_n = p

@@ -1,11 +1,13 @@
 """Throughput mode: Klotski's expert-aware multi-batch pipeline on top of the budgeted expert cache.
 
-Many prompts are generated at once. Up to `batches` sequences are in flight (a batch here is one sequence
-with its own KV cache, so prompts of any length mix); a queue refills a batch as soon as its sequence ends.
-One *step* advances every batch in flight by its next tokens (a prompt chunk while it prefills, at most
-`prefill_per_step` of those per step, else its last token). Per layer of a step:
+Many prompts are generated at once. `batches` batches of `batch_size` sequences each are in flight (every
+sequence has its own KV cache, so prompts of any length mix); a queue refills a place as soon as its sequence
+ends. One *step* advances every sequence in flight by its next tokens (a prompt chunk while it prefills, at
+most `prefill_per_step` of those per step, by default one batch's worth, else its last token). Per layer of a
+step:
 
-  1. attention, norms and routing run per batch, exactly as a single run computes them;
+  1. attention runs per sequence (its own KV cache and positions); norms, projections and routing run over
+     the stacked tokens;
   2. the MoE of all batches is computed *together*: the union of the experts any batch routes to is
      loaded once (each missing expert one load into one cache slot) and each expert runs once over the
      stacked tokens of every batch that needs it (`PipelineExecutor.run_layer`);
@@ -339,6 +341,7 @@ class SequenceResult:
 class ThroughputStats:
     prompts: int = 0
     batches: int = 0
+    batch_size: int = 1
     generated_tokens: int = 0
     prompt_tokens: int = 0
     wall_s: float = 0.0
@@ -412,15 +415,20 @@ class _Seq:
 
 
 class ThroughputEngine:
-    """Generates many prompts with `batches` sequences in flight over one MoePackModel's cache and streamer."""
+    """Generates many prompts with `batches` x `batch_size` sequences in flight over one MoePackModel's cache
+    and streamer."""
 
-    def __init__(self, model: MoePackModel, *, batches: int = 4, hot: list[Key] | tuple[Key, ...] = (),
-                 trace: RoutingTrace | None = None, prefetch: bool = True, prefill_per_step: int = 1,
-                 record: RoutingTrace | None = None, stack_dense: bool = True):
+    def __init__(self, model: MoePackModel, *, batches: int = 4, batch_size: int = 1,
+                 hot: list[Key] | tuple[Key, ...] = (), trace: RoutingTrace | None = None, prefetch: bool = True,
+                 prefill_per_step: int | None = None, record: RoutingTrace | None = None, stack_dense: bool = True):
         if batches < 1:
             raise MoepackError("--batches must be at least 1")
+        if batch_size < 1:
+            raise MoepackError("--batch-size must be at least 1")
         self.pm, self.model, self.spec = model, model.model, model.spec
-        self.batches, self.prefill_per_step = batches, max(1, prefill_per_step)
+        self.batches, self.batch_size = batches, batch_size
+        self.in_flight = batches * batch_size
+        self.prefill_per_step = max(1, prefill_per_step if prefill_per_step is not None else batch_size)
         self.stack_dense = stack_dense
         prefetcher = CorrelationPrefetcher(self.model, trace) if prefetch else None
         self.executor = PipelineExecutor(model.executor, prefetcher=prefetcher, hot=hot, recorder=record)
@@ -559,7 +567,7 @@ class ThroughputEngine:
         done: dict[int, _Seq] = {}
         t0 = time.perf_counter()
         while queue or active:
-            while queue and len(active) < self.batches:
+            while queue and len(active) < self.in_flight:
                 i = queue.popleft()
                 gen = torch.Generator().manual_seed(seed + i) if seed is not None else None
                 active.append(_Seq(i, ids_list[i], self.model.new_cache(capacity=len(ids_list[i]) + max_new_tokens),
@@ -594,7 +602,7 @@ class ThroughputEngine:
         results = [SequenceResult(i, len(s.ids), s.out, pm.decode(s.out), s.latency, s.t_first, s.t_in)
                    for i, s in sorted(done.items())]
         st = ThroughputStats(
-            prompts=len(results), batches=self.batches, generated_tokens=sum(len(r.tokens) for r in results),
+            prompts=len(results), batches=self.batches, batch_size=self.batch_size, generated_tokens=sum(len(r.tokens) for r in results),
             prompt_tokens=sum(r.prompt_tokens for r in results), wall_s=wall,
             steps=ex.step - base[11], layer_steps=ex.stats.layer_steps - base[10], stall_s=ex.stats.stall_s - base[4],
             load_s=ex.loader.busy_s - base[5], loads=ex.stats.loads - base[3],
@@ -607,11 +615,12 @@ class ThroughputEngine:
         return ThroughputResult(results, st)
 
 
-def load_for_throughput(path, *, vram: str | int | None, batches: int, context: int = 2048, slots: int | None = None,
-                        **options) -> MoePackModel:
-    """A MoePackModel whose budget holds `batches` KV caches of `context` tokens (so the expert slots are
-    what is left after them), or exactly `slots` expert slots when given (benchmarks)."""
-    pm = MoePackModel.load(path, vram=vram if slots is None else None, context=context * batches, **options)
+def load_for_throughput(path, *, vram: str | int | None, batches: int, batch_size: int = 1, context: int = 2048,
+                        slots: int | None = None, **options) -> MoePackModel:
+    """A MoePackModel whose budget holds `batches` x `batch_size` KV caches of `context` tokens (so the expert
+    slots are what is left after them), or exactly `slots` expert slots when given (benchmarks)."""
+    pm = MoePackModel.load(path, vram=vram if slots is None else None, context=context * batches * batch_size,
+                           **options)
     pm.context = context
     if slots is None and pm.executor.cache is None:  # no budget: every expert gets a slot
         slots = len(pm.pack.manifest.experts)
@@ -626,10 +635,10 @@ def load_for_throughput(path, *, vram: str | int | None, batches: int, context: 
     return pm
 
 
-def generate_many(model: MoePackModel, prompts: list[str | list[int]], *, batches: int = 4,
+def generate_many(model: MoePackModel, prompts: list[str | list[int]], *, batches: int = 4, batch_size: int = 1,
                   max_new_tokens: int = 64, hot: list[Key] | tuple[Key, ...] = (), trace: RoutingTrace | None = None,
                   prefetch: bool = True, stack_dense: bool = True, **sampling) -> ThroughputResult:
-    """Generate for every prompt with `batches` sequences in flight (see the module docstring)."""
-    with ThroughputEngine(model, batches=batches, hot=hot, trace=trace, prefetch=prefetch,
+    """Generate for every prompt with `batches` batches of `batch_size` sequences in flight (module docstring)."""
+    with ThroughputEngine(model, batches=batches, batch_size=batch_size, hot=hot, trace=trace, prefetch=prefetch,
                           stack_dense=stack_dense) as engine:
         return engine.generate(prompts, max_new_tokens=max_new_tokens, **sampling)
