@@ -1,20 +1,26 @@
 """Prefetch, cache policies and adaptive execution under expert budgets, against Belady's optimal cache.
 
-    python -m benchmarks.bench_prefetch [--budgets 0.1,0.25,0.5] [--new-tokens 24] [--threads 1] [--no-write]
+    python -m benchmarks.bench_prefetch [--budgets 0.1,0.25,0.5] [--new-tokens 64] [--threads 1]
+                                        [--models toy,random] [--only REGEX] [--no-sweep] [--no-write]
 
-For each model (the toy trained model when it is cached under ~/.cache/moepack/toy-model, and a generated
-Mixtral-layout model compressed to q4g32, cached under ~/.cache/moepack/bench) and each expert budget (a
-fraction of the expert slots), every technique alone and all together, against plain LRU on demand:
-cache hit rate, expert bytes moved per decoded token, prefetch precision/recall, decode tokens/s, and the
-perplexity change of teacher-forced text relative to the exact (unbudgeted) model. `Belady` is the optimal
-cache's bytes/token on the plain run's own routing trace at the same slots (the bound for demand loading);
-`own Belady` is the bound on that configuration's trace (adaptive modes run fewer experts). Writes the
-`prefetch` section of docs/benchmarks.md."""
+For each model (the trained toy model when it is cached, see `python -m moepack.testing.toymodel`; and a
+generated Mixtral-layout model with random weights, compressed to q4g32, cached under ~/.cache/moepack/bench)
+and each expert budget (a fraction of the expert slots), every technique alone and all together, against
+plain LRU on demand: cache hit rate, expert bytes moved per decoded token (prefetches and partial loads
+included), prefetch precision/recall, decode tokens/s, and the perplexity change relative to the exact
+(unbudgeted) model. Perplexity is teacher-forced token by token through the budgeted cache (the decode path,
+so big-little's fallback acts as it does while generating): on held-out text (valid.txt) for the trained
+model, on the exact model's own sampled text for the random one. `Belady` is the optimal cache's bytes/token
+on the plain run's own routing trace at the same slots (the bound for demand loading of whole experts);
+`own Belady` is the bound on that configuration's trace (adaptive modes run fewer experts). A sweep of the
+big-little threshold and the FloE keep fraction (no budget: the approximation alone) shows the trade-off
+the defaults were chosen from. Writes the `prefetch` section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from pathlib import Path
 
@@ -22,27 +28,42 @@ import torch
 
 from benchmarks.report import markdown_table, update_section
 from moepack.runtime.api import MoePackModel
+from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB
 
 CACHE = Path.home() / ".cache" / "moepack"
-ADAPTIVE_K, SPARSE_KEEP = 0.9, 0.8
-CONFIGS = {
-    "LRU on demand (baseline)": dict(),
-    "LFU": dict(cache_policy="lfu"),
-    "Fate quotas (policy)": dict(cache_policy="fate"),
-    "Fate prefetch": dict(prefetch="fate"),
-    f"big-little {ADAPTIVE_K}": dict(adaptive_k=ADAPTIVE_K),
-    f"big-little {ADAPTIVE_K}, no fallback": dict(adaptive_k=ADAPTIVE_K, fallback=False),
-    f"FloE keep {SPARSE_KEEP}": dict(sparse_channels=SPARSE_KEEP),
-    f"FloE keep {SPARSE_KEEP} + partial loads": dict(sparse_channels=SPARSE_KEEP, partial_loads=True),
-    "all (fate quotas+prefetch+big-little+FloE)": dict(cache_policy="fate", prefetch="fate", adaptive_k=ADAPTIVE_K,
-                                                      sparse_channels=SPARSE_KEEP),
-    "all + partial loads": dict(cache_policy="fate", prefetch="fate", adaptive_k=ADAPTIVE_K,
-                                sparse_channels=SPARSE_KEEP, partial_loads=True),
-    "all but prefetch": dict(cache_policy="fate", adaptive_k=ADAPTIVE_K, sparse_channels=SPARSE_KEEP),
-}
+CONTEXT = 640  # prompt + decoded tokens, and the 512 evaluation tokens
+ADAPTIVE_K, SPARSE_KEEP = 0.9, 0.8  # defaults of --adaptive-k / --keep, chosen from the sweep (see `sweep`)
 
 
-def random_pack() -> tuple[str, Path]:
+def configs(k: float, keep: float, fallback: float) -> dict[str, dict]:
+    """Every technique alone, then all together (`all`), with big-little threshold `k`, FloE keep fraction
+    `keep` and big-little fallback threshold `fallback`."""
+    every = dict(cache_policy="reuse", prefetch="fate", adaptive_k=k, fallback=fallback, sparse_channels=keep,
+                 partial_loads=True)
+    return {
+        "LRU on demand (baseline)": dict(),
+        "LFU": dict(cache_policy="lfu"),
+        "Fate quotas (policy)": dict(cache_policy="fate"),
+        "reuse distance (policy)": dict(cache_policy="reuse"),
+        "Fate prefetch": dict(prefetch="fate"),
+        "Fate prefetch, ungated": dict(prefetch="fate", prefetch_min_prob=0.0),
+        f"big-little {k}, fallback {fallback}": dict(adaptive_k=k, fallback=fallback),
+        f"big-little {k}, no fallback": dict(adaptive_k=k, fallback=False),
+        f"big-little {k}, fallback for every token": dict(adaptive_k=k, fallback=True),
+        f"FloE keep {keep}": dict(sparse_channels=keep),
+        f"FloE keep {keep} + partial loads": dict(sparse_channels=keep, partial_loads=True),
+        "all": every,
+        "all but prefetch": {key: v for key, v in every.items() if key != "prefetch"},
+        "all, Fate quotas instead of reuse": dict(every, cache_policy="fate"),
+    }
+
+
+SWEEP_K = (0.6, 0.7, 0.8, 0.9)
+SWEEP_KEEP = (0.3, 0.5, 0.7, 0.8, 0.9)
+SWEEP_FALLBACK = (0.95, 0.9, 0.8, 0.7, True)  # True: every token may fall back (MoBiLE's rule)
+
+
+def random_pack() -> tuple[str, Path, None]:
     name = "prefetch-random-h512-i1024-l8-e16-q4g32"
     out = CACHE / "bench" / f"{name}.moepack"
     if not out.exists():
@@ -52,99 +73,190 @@ def random_pack() -> tuple[str, Path]:
         src = make_random_checkpoint(CACHE / "bench" / name, hidden=512, intermediate=1024, layers=8, experts=16,
                                      top_k=2, vocab=512)
         compress(str(src), out, recipe="q4g32")
-    return "random 8 layers x 16 experts top-2, H 512, I 1024, q4g32", out
+    return "random 8 layers x 16 experts top-2, H 512, I 1024, q4g32", out, None
 
 
-def toy_pack() -> tuple[str, Path] | None:
-    src = CACHE / "toy-model"
-    cfg = next(iter(sorted(src.rglob("config.json"))), None) if src.exists() else None
-    if cfg is None:
+def toy_pack() -> tuple[str, Path, Path] | None:
+    """The trained toy model (if cached; never trains here), packed at q4g32."""
+    from moepack.testing.toymodel import read_meta, resolve_recipe, toy_model_dir
+
+    src = toy_model_dir(resolve_recipe("small"))
+    if read_meta(src) is None:
         return None
-    out = CACHE / "bench" / "prefetch-toy-q4g32.moepack"
+    out = CACHE / "bench" / f"prefetch-toy-{src.name}-q4g32.moepack"
     if not out.exists():
         from moepack.compress import compress
 
-        compress(str(cfg.parent), out, recipe="q4g32")
-    return "toy trained model, q4g32", out
+        compress(str(src), out, recipe="q4g32")
+    return f"toy trained model {src.name} (4 layers x 8 experts top-2, H 128, I 256), q4g32", out, src
 
 
 def load(path: Path, slots: int | None, **kw) -> MoePackModel:
+    kw = dict(kw)
+    min_prob = kw.pop("prefetch_min_prob", None)
     if slots is None:
-        return MoePackModel.load(path, device="cpu", context=256)
-    probe = MoePackModel.load(path, device="cpu", vram="1TB", context=256)
-    b = probe.budget
-    return MoePackModel.load(path, device="cpu", context=256, **kw,
-                             vram=b.dense_bytes + b.kv_bytes + b.workspace_bytes + slots * b.slot_bytes)
+        model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw)
+    else:
+        probe = MoePackModel.load(path, device="cpu", vram="1TB", context=CONTEXT)
+        b = probe.budget
+        model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw,
+                                  vram=b.dense_bytes + b.kv_bytes + b.workspace_bytes + slots * b.slot_bytes)
+    if min_prob is not None:
+        model.executor.prefetch_min_prob = min_prob
+    return model
 
 
-def perplexity(model: MoePackModel, ids: list[int]) -> float:
-    logits = model.logits(ids)[:-1]
-    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
-    return math.exp(nll.item())
+@torch.inference_mode()
+def evaluate(model: MoePackModel, ids: list[int], ref: torch.Tensor | None = None,
+             window: int = 256) -> tuple[float, float | None, torch.Tensor]:
+    """(perplexity, mean KL(ref || model) per token or None, log-probs [N, V]) of `ids`, teacher-forced token by
+    token with a KV cache (the decode path, so big-little's fallback acts as while generating), in independent
+    windows of `window` tokens. `ref`: the exact model's log-probs from an earlier call."""
+    logps = []
+    for i in range(0, len(ids) - 1, window):
+        chunk = ids[i:i + window]
+        if len(chunk) < 2:
+            break
+        cache = model.model.new_cache(capacity=len(chunk))
+        for t in range(len(chunk) - 1):
+            logits = model.model.forward(torch.tensor(chunk[t:t + 1]), cache)[-1].float()
+            logps.append(torch.log_softmax(logits, -1))
+    logp = torch.stack(logps)  # [N, V]
+    targets = torch.tensor([t for i in range(0, len(ids) - 1, window) for t in ids[i + 1:i + window]][:len(logp)])
+    ppl = math.exp(-logp.gather(1, targets[:, None]).mean().item())
+    kl = None if ref is None else float((ref.exp() * (ref - logp)).sum(1).mean())
+    return ppl, kl, logp
 
 
-def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int) -> str:
+def sweep(path: Path, text: list[int], ppl0: float, ref: torch.Tensor, slots: int) -> str:
+    """Perplexity change and KL of each approximation alone: big-little and FloE with no budget (so no
+    fallback), and the fallback threshold under a budget of `slots` (big-little off, so only fallbacks drop)."""
+    rows = []
+
+    def row(name: str, what: str, model: MoePackModel) -> None:
+        ppl, kl, _ = evaluate(model, text, ref)
+        c = model.executor.counts
+        if "{little}" in what:
+            what = what.format(little=f"{c['little_tokens'] / max(c['tokens'], 1):.0%}")
+        if "{fallback}" in what:
+            what = what.format(fallback=f"{c['fallback_tokens'] / max(c['tokens'], 1):.0%}")
+        rows.append([name, what, f"{100 * (ppl / ppl0 - 1):+.2f}%", f"{kl:.5f}"])
+
+    for k in SWEEP_K:
+        row(f"big-little {k}", "{little} of tokens run half of top-k", load(path, None, adaptive_k=k))
+    for keep in SWEEP_KEEP:
+        row(f"FloE keep {keep}", f"{keep:.0%} of gate/down channels", load(path, None, sparse_channels=keep))
+    for fb in SWEEP_FALLBACK:
+        row(f"fallback {fb}, {slots} slots", "{fallback} of tokens fell back to top-1",
+            load(path, slots, adaptive_k=1.0, fallback=fb))
+    return ("Trade-off of each approximation alone (perplexity change and mean KL(exact || approximate) per token "
+            "on the same text):\n\n"
+            + markdown_table(["setting", "compute", "perplexity change", "KL"], rows) + "\n")
+
+
+def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, techniques: dict[str, dict],
+                valid: Path | None = None, eval_tokens: int = 512, only: str | None = None,
+                do_sweep: bool = True) -> str:
     exact = load(path, None)
     prompt = exact.encode("To be, or not to be, that is the question: whether 'tis nobler in the mind")[:24]
-    # evaluation text: the exact model's own sampled continuation (meaningful for random models too)
-    text = prompt + exact.generate(prompt, max_new_tokens=96, temperature=1.0, seed=0, stop_at_eos=False).tokens
-    ppl0 = perplexity(exact, text)
+    if valid is not None:  # a trained model: held-out real text
+        text = exact.encode(valid.read_text())[:eval_tokens]
+        what = f"{len(text)} held-out tokens of {valid.name}"
+    else:  # random weights: the exact model's own sampled continuation
+        text = prompt + exact.generate(prompt, max_new_tokens=eval_tokens - len(prompt), temperature=1.0, seed=0,
+                                       stop_at_eos=False).tokens
+        what = f"{len(text)} tokens of its own sampled text"
+    ppl0, _, ref = evaluate(exact, text)
     n_experts = len(exact.pack.manifest.experts)
-    rows = []
-    aims = []
+    rows, aims, costs = [], [], []
     for frac in budgets:
         slots = max(exact.spec.top_k, round(frac * n_experts))
         bound = None
-        for name, kw in CONFIGS.items():
+        for name, kw in techniques.items():
+            if bound is not None and only and not re.search(only, name):
+                continue
             t0 = time.perf_counter()
             model = load(path, slots, **kw)
             s = model.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False).stats
-            ppl = perplexity(load(path, slots, **kw), text)
+            ppl, kl, _ = evaluate(load(path, slots, **kw), text, ref)
             if bound is None:
                 bound = s.belady_bytes_per_token
             pr = "-" if s.prefetch_precision is None else f"{s.prefetch_precision:.2f} / {s.prefetch_recall:.2f}"
             ratio = s.bytes_moved_per_token / bound if bound else float("nan")
+            change = 100 * (ppl / ppl0 - 1)
             rows.append([f"{frac:.0%} ({slots} slots)", name, f"{s.cache_hit_rate:.1%}",
-                         f"{s.bytes_moved_per_token / 2**20:.2f}", f"{ratio:.2f}x",
-                         f"{s.belady_bytes_per_token / 2**20:.2f}", pr, f"{s.decode_tokens_per_s:.1f}",
-                         f"{100 * (ppl / ppl0 - 1):+.2f}%"])
+                         f"{s.bytes_moved_per_token / 2**20:.3f}", f"{ratio:.2f}x",
+                         f"{s.belady_bytes_per_token / 2**20:.3f}", pr, f"{s.decode_tokens_per_s:.1f}",
+                         f"{change:+.2f}%", f"{kl:.5f}"])
             if name.startswith("all"):
-                aims.append(f"{frac:.0%}: {name.split(' (')[0]} moves {ratio:.2f}x the Belady bound of the plain run "
-                            f"({s.bytes_moved_per_token / 2**20:.2f} vs {bound / 2**20:.2f} MiB/token)")
-            print(f"  {frac:.0%} {name}: {time.perf_counter() - t0:.1f}s", flush=True)
-        rows.append([f"{frac:.0%} ({slots} slots)", "Belady bound (plain trace)", "", f"{bound / 2**20:.2f}", "1.00x",
-                     "", "", "", ""])
+                aims.append(f"{frac:.0%}: {name} moves {ratio:.2f}x the Belady bound of the plain run "
+                            f"({s.bytes_moved_per_token / 2**20:.3f} vs {bound / 2**20:.3f} MiB/token; "
+                            f"{'within' if ratio <= 1.5 else 'MISSES'} the 1.5x aim), perplexity {change:+.2f}%, "
+                            f"KL {kl:.5f}")
+            if "adaptive_k" in kw or "sparse_channels" in kw:
+                costs.append((frac, name, change))
+            print(f"  {frac:.0%} {name}: {ratio:.2f}x Belady, ppl {change:+.2f}%, "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+        rows.append([f"{frac:.0%} ({slots} slots)", "Belady bound (plain trace)", "", f"{bound / 2**20:.3f}",
+                     "1.00x", "", "", "", "", ""])
     head = ["budget", "technique", "hit rate", "MiB moved/token", "vs Belady", "own Belady MiB/token",
-            "prefetch P / R", "decode tok/s", "perplexity change"]
-    return (f"### {label}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.2f} MiB; "
-            f"prompt {len(prompt)} tokens, {new_tokens} decoded; perplexity of the exact model on "
-            f"{len(text)} tokens of its own sampled text: {ppl0:.3f}.\n\n"
-            + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims) + "\n")
+            "prefetch P / R", "decode tok/s", "perplexity change", "KL"]
+    worst = {}
+    for frac, name, change in costs:
+        if name not in worst or change > worst[name][1]:
+            worst[name] = (frac, change)
+    cost_lines = [f"{name}: perplexity {change:+.2f}% at worst (at {frac:.0%}); "
+                  f"{'under' if change < 2 else 'OVER'} the 2% aim" for name, (frac, change) in worst.items()]
+    body = (f"### {label}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.3f} MiB; "
+            f"prompt {len(prompt)} tokens, {new_tokens} decoded (bytes, hit rates and prefetch figures are over "
+            f"the decode); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
+            f"configuration) per token on the same text.\n\n"
+            + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims + cost_lines) + "\n")
+    if do_sweep:
+        body += "\n" + sweep(path, text, ppl0, ref, max(exact.spec.top_k, round(0.25 * n_experts)))
+    return body
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="0.1,0.25,0.5")
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="toy,random", help="comma-separated: toy, random")
+    ap.add_argument("--adaptive-k", type=float, default=ADAPTIVE_K, help="big-little threshold")
+    ap.add_argument("--keep", type=float, default=SPARSE_KEEP, help="FloE: fraction of channels kept")
+    ap.add_argument("--fallback", type=float, default=FALLBACK_SHARE, help="big-little fallback threshold")
+    ap.add_argument("--only", default=None, help="regex: run only these techniques (and the baseline)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the threshold / keep-fraction sweep")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     budgets = [float(b) for b in a.budgets.split(",")]
+    wanted = set(a.models.split(","))
     sections = []
-    toy = toy_pack()
-    models = ([toy] if toy else []) + [random_pack()]
-    for label, path in models:
+    toy = toy_pack() if "toy" in wanted else None
+    models = ([toy] if toy else []) + ([random_pack()] if "random" in wanted else [])
+    for label, path, src in models:
         print(label, flush=True)
-        sections.append(bench_model(label, path, budgets, a.new_tokens))
-    if toy is None:
-        sections.insert(0, "_The toy trained model was not cached (~/.cache/moepack/toy-model); only the generated "
-                           "model ran._\n")
+        techniques = configs(a.adaptive_k, a.keep, a.fallback)
+        sections.append(bench_model(label, path, budgets, a.new_tokens, techniques,
+                                    valid=src / "valid.txt" if src else None,
+                                    only=a.only, do_sweep=not a.no_sweep))
+    if "toy" in wanted and toy is None:
+        sections.insert(0, "_The toy trained model was not cached (run `python -m moepack.testing.toymodel`); only "
+                           "the generated model ran._\n")
     body = (f"Expert budget = fraction of expert slots; CPU, {a.threads} thread(s), slot copies from the mapped pack "
             "(on the CPU a prefetch is a synchronous copy, so it adds bytes and cannot hide latency; on CUDA it runs "
-            "on the side stream). Bytes moved include prefetches and partial loads. big-little threshold "
-            f"{ADAPTIVE_K} (share of top-k router weight on the top half), FloE keeps {SPARSE_KEEP:.0%} of channels "
-            "per token by |up(x)|; partial loads move up plus the kept rows of gate/down on a miss and cache nothing.\n\n"
+            "on the side stream). Bytes moved include prefetches and partial loads. `reuse` evicts the expert whose "
+            "next use is expected farthest away (layer-cycle distance + decayed routing frequency). Fate prefetch "
+            f"loads a prediction only when its measured hit rate (per layer and rank) is at least {PREFETCH_MIN_PROB} "
+            "and the policy admits it over the expert it would evict (`ungated`: every top-k prediction, as "
+            f"before). big-little threshold {a.adaptive_k} (share of top-k router weight on the top half; a token "
+            f"with a share of at least {a.fallback} whose big expert is missing falls back to the little set), "
+            f"FloE keeps {a.keep:.0%} of channels per token by "
+            "|up(x)|; with partial loads a resident expert computes from its slot, a miss the policy admits is "
+            "cached whole and one it does not admit moves only up and the kept rows of gate/down. `all` = reuse "
+            "policy + gated Fate prefetch + big-little + FloE with partial loads.\n\n"
             + "\n".join(sections))
     print(body)
     if not a.no_write:

@@ -1,11 +1,12 @@
 """Throughput mode against one prompt at a time, and the planner's predictions against the measurements.
 
-    python -m benchmarks.bench_throughput [--prompts 12] [--new 12] [--batches 1,2,4,8] [--budgets 0.10,0.25]
+    python -m benchmarks.bench_throughput [--prompts 32] [--new 24] [--batches 1,2,4,8] [--batch-sizes 1,4]
+                                          [--budgets 0.10,0.25]
 
 A generated Mixtral-layout model (hidden 1024, intermediate 2816, 8 layers, 8 experts top-2, vocab 2048,
 q4g128; built once and kept under $MOEPACK_HOME/bench) runs the same prompts (random ids, 8..40 tokens)
-one at a time through `MoePackModel.generate` and through `generate_many` with 1, 2, 4, 8 batches, at
-expert budgets of 10% and 25% of the experts (cache slots). Reports generated tokens/s across all prompts,
+one at a time through `MoePackModel.generate` and through `generate_many` with 1, 2, 4, 8 batches of 1 and
+of 4 sequences, at expert budgets of 10% and 25% of the experts (cache slots). Reports generated tokens/s across all prompts,
 mean per-prompt latency, expert loads, the stall fraction from the runtime's own timers, and the planner's
 prediction for each row from measured hardware numbers and a collected routing trace. Torch runs one
 compute thread (the machine's cores are shared; the loader thread takes the other core).
@@ -39,9 +40,10 @@ def bench_pack() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--prompts", type=int, default=12)
-    ap.add_argument("--new", type=int, default=12)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new", type=int, default=24)
     ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--batch-sizes", default="1,4", help="sequences per batch; each size runs every --batches")
     ap.add_argument("--budgets", default="0.10,0.25")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true")
@@ -82,22 +84,24 @@ def main(argv: list[str] | None = None) -> None:
                      pm.executor.streamer.loads - loads0, f"{(pm.executor.stall_s - stall0) / wall:.1%}",
                      f"{pred.run_tokens_per_s:.2f}", f"{pred.run_tokens_per_s / base_tps - 1:+.0%}"])
         print(rows[-1], flush=True)
-        for n in (int(b) for b in args.batches.split(",")):
-            pm = load_for_throughput(path, vram=None, batches=n, slots=slots, context=128)
-            res = generate_many(pm, prompts, batches=n, max_new_tokens=args.new, stop_at_eos=False, trace=trace,
-                                prefetch=prefetch)
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        for size, n in ((size, int(b)) for size in sizes for b in args.batches.split(",")):
+            pm = load_for_throughput(path, vram=None, batches=n, batch_size=size, slots=slots, context=128)
+            res = generate_many(pm, prompts, batches=n, batch_size=size, max_new_tokens=args.new, stop_at_eos=False,
+                                trace=trace, prefetch=prefetch)
             s = res.stats
-            pred = predict(shape, hw, batches=n, slots=slots, prompts=lens, max_new_tokens=args.new)
-            rows.append([f"{frac:.0%} ({slots})", f"{n} batches", f"{s.tokens_per_s:.2f}",
+            pred = predict(shape, hw, batches=n, slots=slots, prompts=lens, max_new_tokens=args.new, batch_size=size)
+            rows.append([f"{frac:.0%} ({slots})", f"{n} batches of {size}", f"{s.tokens_per_s:.2f}",
                          f"{s.tokens_per_s / base_tps:.2f}x", f"{s.mean_latency_s:.2f}", s.loads,
                          f"{s.stall_fraction:.1%}", f"{pred.run_tokens_per_s:.2f}",
                          f"{pred.run_tokens_per_s / s.tokens_per_s - 1:+.0%}"])
             print(rows[-1], flush=True)
             if n == max(int(b) for b in args.batches.split(",")):
-                summary.append((frac, s.tokens_per_s / base_tps))
+                summary.append((frac, n, size, s.tokens_per_s / base_tps))
     md = (f"Model: generated Mixtral layout {SHAPE}, q4g128, {total_experts} experts of "
           f"{shape.expert_bytes / 1e6:.2f} MB; {args.prompts} prompts of {min(lens)}..{max(lens)} tokens, "
-          f"{args.new} new tokens each (greedy, no EOS stop); torch threads: {args.threads}. Budget = expert cache "
+          f"{args.new} new tokens each (greedy, no EOS stop); torch threads: {args.threads}. N batches of B: N x B "
+          f"sequences in flight, the MoE of all of them stacked per layer step. Budget = expert cache "
           f"slots as a share of all experts. Stall = time compute waited for expert loads / wall time.\n\n"
           f"Measured hardware for the planner: link {hw.link_gbps:.2f} GB/s, expert call "
           f"{hw.expert_fixed_s * 1e3:.2f} ms + {hw.expert_token_s * 1e3:.3f} ms/token, dense "
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{'on' if prefetch else 'off (no measured overlap: copies would compete with compute)'}.\n\n"
           + markdown_table(["budget (slots)", "mode", "tokens/s", "vs one at a time", "mean latency s",
                             "expert loads", "stall", "planner tokens/s", "planner error"], rows)
-          + "\n" + "; ".join(f"{f:.0%} budget: {x:.2f}x with the most batches" for f, x in summary) + "\n")
+          + "\n" + "\n".join(f"- {f:.0%} budget, {n} batches of {size}: {x:.2f}x the tokens/s of one at a time"
+                              for f, n, size, x in summary) + "\n")
     print(md)
     if not args.no_write:
         update_section("throughput", md)

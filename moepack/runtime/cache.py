@@ -161,7 +161,7 @@ class Reuse(Policy):
 
     name = "reuse"
 
-    def __init__(self, layers: list[int], *, half_life: float = 64.0, prior: float = 0.25):
+    def __init__(self, layers: list[int], *, half_life: float = 32.0, prior: float = 0.25):
         super().__init__()
         self.layers = list(layers)
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
