@@ -98,9 +98,7 @@ def load(path: Path, slots: int | None, **kw) -> MoePackModel:
         model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw)
     else:
         probe = MoePackModel.load(path, device="cpu", vram="1TB", context=CONTEXT)
-        b = probe.budget
-        model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw,
-                                  vram=b.dense_bytes + b.kv_bytes + b.workspace_bytes + slots * b.slot_bytes)
+        model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw, vram=probe.budget.vram_for(slots))
     if min_prob is not None:
         model.executor.prefetch_min_prob = min_prob
     return model

@@ -45,6 +45,33 @@ def test_lossless_pack_matches_transformers(baby, packs, family):
     assert model.generate(ids, max_new_tokens=8, stop_at_eos=False).tokens == greedy_hf
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_pack_keeps_dense_weights_16bit_and_matches_transformers(baby, tmp_path, family):
+    """A bf16 checkpoint: dense matrices stay bf16 on the CPU (widened in the kernel, which is exact), the budget
+    counts them at 2 bytes, and the logits still match transformers run in float32 on the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from moepack.kernels import Backend, resolve_backend
+
+    if resolve_backend("auto", "bf16", "cpu") is not Backend.CPP:
+        pytest.skip("C++ kernels unavailable: dense weights are upcast instead")
+    src = baby(family, dtype="bfloat16")
+    pack = compress(str(src), tmp_path / "bf16.moepack", recipe="bf16").path
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    model = MoePackModel.load(pack, device="cpu", vram="1TB")
+    matrices = [t for t in model.model.w.values() if t.dim() == 2]
+    assert matrices and all(t.dtype == torch.bfloat16 for t in matrices)
+    assert all(t.dtype == torch.float32 for t in model.model.w.values() if t.dim() == 1)
+    assert model.budget.dense_bytes == model.model.dense_bytes
+    ids = model.encode(PROMPT)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    assert (model.logits(ids) - want).abs().max().item() < 1e-4
+    reference = MoePackModel.load(pack, device="cpu", backend="torch")  # the TORCH path upcasts everything
+    assert all(t.dtype == torch.float32 for t in reference.model.w.values())
+    assert (reference.logits(ids) - want).abs().max().item() < 1e-4
+
+
 def dequantised_reference(pack_path) -> MoeModel:
     """The source architecture with experts replaced by the codec reference's decode of the pack."""
     with Pack(pack_path) as pack:
@@ -80,8 +107,8 @@ def test_budgeted_run_equals_unbudgeted_run_and_respects_slots(packs, recipe):
         n_experts = len(p.manifest.experts)
     for slots in (2, 5, n_experts):
         probe = MoePackModel.load(path, device="cpu", vram="1TB", context=128)
-        fixed = probe.budget.dense_bytes + probe.budget.kv_bytes + probe.budget.workspace_bytes
-        model = MoePackModel.load(path, device="cpu", vram=fixed + slots * expert, context=128)
+        assert probe.budget.slot_bytes == expert
+        model = MoePackModel.load(path, device="cpu", vram=probe.budget.vram_for(slots), context=128)
         assert model.budget.slots == slots
         cache = model.executor.cache
         seen = []

@@ -28,9 +28,7 @@ def exact(pack):
 
 def budgeted(pack, slots: int, **kw) -> MoePackModel:
     probe = MoePackModel.load(pack, device="cpu", vram="1TB", context=128)
-    b = probe.budget
-    model = MoePackModel.load(pack, device="cpu", vram=b.dense_bytes + b.kv_bytes + b.workspace_bytes
-                              + slots * b.slot_bytes, context=128, **kw)
+    model = MoePackModel.load(pack, device="cpu", vram=probe.budget.vram_for(slots), context=128, **kw)
     assert model.budget.slots == slots
     return model
 

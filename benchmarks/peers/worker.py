@@ -66,19 +66,12 @@ def perplexity(window_logits, ppl_ids: list[int], window: int) -> float:
 # --- moepack ------------------------------------------------------------------------------------------
 def moepack_budget(path: str, fraction: float, context: int) -> int:
     """The --vram (bytes) that leaves exactly ceil(fraction * experts) expert slots after the dense weights,
-    the KV cache for `context` tokens and the workspace (the runtime's own plan on the CPU, float32)."""
-    import torch
+    the KV cache for `context` tokens and the workspace, as the runtime itself plans them on the CPU."""
+    from moepack.runtime.api import MoePackModel
 
-    from moepack.format import Pack
-    from moepack.runtime.api import workspace_bytes
-    from moepack.runtime.model import KVCache
-
-    pack = Pack(path)
-    spec, dtype = pack.spec, torch.float32
-    dense = sum(math.prod(t.shape) for t in pack.manifest.tensors) * dtype.itemsize
-    slot = max(e.nbytes for e in pack.manifest.experts)
-    slots = max(spec.top_k, math.ceil(fraction * len(pack.manifest.experts)))
-    return dense + KVCache.bytes_per_token(spec, dtype) * context + workspace_bytes(spec, dtype) + slots * slot
+    probe = MoePackModel.load(path, vram="1TB", device="cpu", context=context)
+    slots = max(probe.spec.top_k, math.ceil(fraction * len(probe.pack.manifest.experts)))
+    return probe.budget.vram_for(slots)
 
 
 def run_moepack(job: dict) -> dict:

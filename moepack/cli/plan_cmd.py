@@ -50,7 +50,7 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
     if trace is None and trace_count > 0:
         trace = collect_trace(pm, trace_prompts(pm, trace_count), max_new_tokens=8)
     hw = measure_hardware(pm, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps)
-    shape = ModelShape.from_pack(pm.pack, trace=trace, dtype=pm.model.dtype)
+    shape = ModelShape.from_pack(pm.pack, trace=trace, dtype=pm.model.dtype, device=pm.model.device)
     return choose(shape, hw, budget, context=context, prompts=prompts, max_new_tokens=max_new_tokens,
                   batch_size=batch_size), pm
 

@@ -6,6 +6,7 @@ stores, and `parse_recipe(str(r)) == r` always holds.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -160,5 +161,13 @@ def parse_recipe(s: str) -> Recipe:
     return Recipe(**kw)
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_cached(s: str) -> Recipe:
+    return parse_recipe(s)
+
+
 def as_recipe(recipe: Recipe | str) -> Recipe:
-    return recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+    """A Recipe as is, or a recipe string parsed (cached: the runtime names recipes on every product)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    return _parse_cached(recipe) if isinstance(recipe, str) else parse_recipe(recipe)

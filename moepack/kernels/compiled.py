@@ -41,7 +41,13 @@ def describe(device_type: str) -> str:
 
 
 def _qparts(parts: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(parts[k].to(device).contiguous() for k in ("codes", "scale", "zero"))
+    out = []
+    for k in ("codes", "scale", "zero"):
+        t = parts[k]
+        if t.device != device:
+            t = t.to(device)
+        out.append(t if t.is_contiguous() else t.contiguous())
+    return tuple(out)
 
 
 def _row_blocks(n: int, cols: int, rows: torch.Tensor | None):

@@ -18,6 +18,7 @@ that cannot serve a quantised or sparse recipe raises KernelUnavailableError.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -140,7 +141,7 @@ def matmul(
     x32 = x.float()
     if rows is not None and rows.numel() == 0:
         return x.new_zeros(x.shape[0], 0)
-    base = dataclasses.replace(recipe, rank=0)
+    base = _base_recipe(recipe)
     impl = _base_impl(backend, base, x.device)
     if impl is not None:
         out = impl.matmul(x32.contiguous(), parts, base, cols, rows)
@@ -168,7 +169,7 @@ def matmul_t(
     h32 = h.float()
     if rows is not None and rows.numel() == 0:
         return h.new_zeros(h.shape[0], cols)
-    base = dataclasses.replace(recipe, rank=0)
+    base = _base_recipe(recipe)
     impl = _base_impl(backend, base, h.device)
     if impl is not None:
         out = impl.matmul_t(h32.contiguous(), parts, base, cols, rows)
@@ -179,6 +180,12 @@ def matmul_t(
         v = parts["lr_v"].to(h.device, torch.float32)  # [R, cols]
         out = out + (h32 @ u) @ v
     return out.to(h.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _base_recipe(recipe: Recipe) -> Recipe:
+    """The recipe without its low-rank term (cached: asked on every product)."""
+    return dataclasses.replace(recipe, rank=0)
 
 
 def _base_impl(backend: Backend | str, base: Recipe, device: torch.device) -> KernelImpl | None:

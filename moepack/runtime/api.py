@@ -22,7 +22,7 @@ from moepack.runtime.belady import belady
 from moepack.runtime.budget import BudgetPlan, plan_budget
 from moepack.runtime.cache import ExpertCache, make_policy
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB, StreamingExecutor
-from moepack.runtime.model import KVCache, MoeModel
+from moepack.runtime.model import KVCache, MoeModel, storage_dtype
 from moepack.runtime.prefetch import FatePrefetcher, parse_prefetch
 from moepack.runtime.sampling import TextStream, sample
 from moepack.runtime.stats import RunStats, peak_device_bytes, peak_rss_bytes
@@ -96,7 +96,8 @@ class MoePackModel:
         budget = None
         cache = streamer = None
         if vram is not None or dev.type == "cuda":
-            dense_bytes = sum(t.numel() for t in dense.values()) * dtype.itemsize
+            dense_bytes = sum(t.numel() * storage_dtype(t.dtype, tuple(t.shape), dtype, dev, kernel).itemsize
+                              for t in dense.values())
             slot_bytes = max(e.nbytes for e in pack.manifest.experts)
             budget = plan_budget(
                 None if vram is None else parse_size(vram), dense_bytes=dense_bytes,
@@ -107,7 +108,7 @@ class MoePackModel:
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
                                      sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev,
                                      prefetch_min_prob=prefetch_min_prob)
-        model = MoeModel(spec, dense, executor, dtype=dtype, device=dev)
+        model = MoeModel(spec, dense, executor, dtype=dtype, device=dev, backend=kernel)
         prefetcher = FatePrefetcher(model, executor, width=prefetch_width) if prefetch == "fate" else None
         tokenizer = None
         if "tokenizer.json" in pack.manifest.files:

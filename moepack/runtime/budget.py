@@ -23,13 +23,22 @@ class BudgetPlan:
         return self.slots * self.slot_bytes
 
     @property
+    def fixed_bytes(self) -> int:
+        """Everything but the expert slots."""
+        return self.dense_bytes + self.kv_bytes + self.workspace_bytes
+
+    def vram_for(self, slots: int) -> int:
+        """The budget that leaves exactly `slots` expert slots beside the same dense weights, KV and workspace."""
+        return self.fixed_bytes + slots * self.slot_bytes
+
+    @property
     def fraction_resident(self) -> float:
         return self.slots / self.total_experts
 
     def describe(self) -> str:
         return (f"dense {format_size(self.dense_bytes)} + KV {format_size(self.kv_bytes)} + workspace "
                 f"{format_size(self.workspace_bytes)} + {self.slots}/{self.total_experts} expert slots x "
-                f"{format_size(self.slot_bytes)} = {format_size(self.dense_bytes + self.kv_bytes + self.workspace_bytes + self.expert_bytes)}")
+                f"{format_size(self.slot_bytes)} = {format_size(self.fixed_bytes + self.expert_bytes)}")
 
 
 def plan_budget(budget: int | None, *, dense_bytes: int, kv_bytes: int, workspace_bytes: int, slot_bytes: int,

@@ -6,7 +6,11 @@ lm_head) and hands the routed experts of each sparse layer to an expert executor
     executor.forward(layer, x[N, H], topk_ids[N, k], topk_weights[N, k]) -> [N, H]
 
 (N = B*T tokens). `DenseExpertExecutor` holds plain float weights and is the reference; the streaming
-executor of the runtime plugs in the same way. Only torch and moepack.arch are imported."""
+executor of the runtime plugs in the same way. Only torch, moepack.arch and moepack.kernels are imported.
+
+Dense weight matrices stored in bf16/fp16 stay in that dtype on the CPU when the C++ kernels are there (half
+the memory and half the bytes read per token) and are widened to the compute dtype inside the kernel, which is
+exact; `linear` is the one place every projection goes through."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moepack.arch import PROJS, ModelSpec, adapter_for, spec_from_config
+from moepack.kernels import Backend, matmul, resolve_backend
 from moepack.runtime.layers import apply_rope, attend, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
 
 
@@ -119,6 +124,20 @@ class KVCache:
         self.length += t
 
 
+_WIDE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def storage_dtype(stored: torch.dtype, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  backend: Backend | str = Backend.AUTO) -> torch.dtype:
+    """The dtype a dense tensor is held in: a 16-bit matrix stays 16-bit where a kernel widens it on the fly
+    (float32 compute on the CPU with the C++ kernels), everything else is converted to the compute dtype."""
+    if (len(shape) == 2 and stored in _WIDE and dtype == torch.float32 and device.type == "cpu"
+            and Backend.parse(backend) is not Backend.TORCH
+            and resolve_backend(backend, _WIDE[stored], device) is Backend.CPP):
+        return stored
+    return dtype
+
+
 RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 LayerHook = Callable[[int, torch.Tensor], None]
 
@@ -131,12 +150,16 @@ class MoeModel:
     topk_ids[N,k], topk_weights[N,k]); `layer_hooks` get (layer, hidden[N,H]) at the start of each layer."""
 
     def __init__(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], executor: ExpertExecutor, *,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 backend: Backend | str = Backend.AUTO):
         self.spec, self.executor, self.dtype, self.device = spec, executor, dtype, torch.device(device)
+        self.backend = Backend.parse(backend)
         self.names = adapter_for(spec)
         self.w: dict[str, torch.Tensor] = {}
         for name in self.names.dense_tensor_names():
-            self.w[name] = tensors[name].to(device=self.device, dtype=dtype).contiguous()
+            t = tensors[name]
+            keep = storage_dtype(t.dtype, tuple(t.shape), dtype, self.device, self.backend)
+            self.w[name] = t.to(device=self.device, dtype=keep).contiguous()
         g = self.names.global_tensor_names()
         self.embed = self.w[g["embed"]]
         self.final_norm = self.w[g["final_norm"]]
@@ -167,6 +190,22 @@ class MoeModel:
             executor = DenseExpertExecutor.from_tensors(spec, tensors, dtype=dtype, device=device)
         return cls(spec, tensors, executor, dtype=dtype, device=device)
 
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.w.values())
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ w.T for a dense weight w [out, in] (in the compute dtype, or 16-bit: see module doc)."""
+        if w.dtype == x.dtype:
+            return x @ w.T
+        flat = x.reshape(-1, x.shape[-1])
+        out = matmul(flat, {"values": w}, _WIDE[w.dtype], tuple(w.shape), backend=self.backend)
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of token ids, in the compute dtype."""
+        return self.embed[ids.to(self.device)].to(self.dtype)
+
     def new_cache(self, capacity: int = 256, batch: int = 1) -> KVCache:
         return KVCache(self.spec, capacity=capacity, batch=batch, dtype=self.dtype, device=self.device)
 
@@ -174,7 +213,7 @@ class MoeModel:
     def router_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Router logits [N, E] of a sparse layer for (post-attention-normed) hidden states x [N, H]."""
         names = self.layers[layer]
-        logits = x @ self.w[names["router"]].T
+        logits = self.linear(x, self.w[names["router"]])
         if "router_bias" in names:
             logits = logits + self.w[names["router_bias"]]
         return logits
@@ -194,7 +233,7 @@ class MoeModel:
                    cache: KVCache | None, start: int) -> torch.Tensor:
         spec, w, n = self.spec, self.w, self.layers[layer]
         b, t, _ = x.shape
-        q, k, v = x @ w[n["q"]].T, x @ w[n["k"]].T, x @ w[n["v"]].T
+        q, k, v = self.linear(x, w[n["q"]]), self.linear(x, w[n["k"]]), self.linear(x, w[n["v"]])
         if spec.qkv_bias:
             q, k, v = q + w[n["q_bias"]], k + w[n["k_bias"]], v + w[n["v_bias"]]
         if spec.qk_norm == "full":  # OLMoE: over the whole projection
@@ -215,7 +254,7 @@ class MoeModel:
             k, v = cache.update(layer, k, v)
         mask = attention_mask(start, t, k.shape[2], spec.sliding_window_for(layer), x.device)
         out = attend(q, k, v, mask, self.scale)  # [B, T, nh*d]
-        out = out @ w[n["o"]].T
+        out = self.linear(out, w[n["o"]])
         if spec.o_bias:
             out = out + w[n["o_bias"]]
         return out
@@ -223,17 +262,22 @@ class MoeModel:
     def _mlp(self, layer: int, x: torch.Tensor, run_experts: Callable | None = None) -> torch.Tensor:
         """x [N, H] -> [N, H]: routed experts (+ gated shared expert) or the dense MLP. `run_experts` (default
         `executor.forward`) lets the throughput engine run the routed experts its own way."""
-        w, n = self.w, self.layers[layer]
+        w, n, lin = self.w, self.layers[layer], self.linear
         if not self.spec.is_sparse(layer):
-            return (F.silu(x @ w[n["mlp_gate"]].T) * (x @ w[n["mlp_up"]].T)) @ w[n["mlp_down"]].T
+            return lin(F.silu(lin(x, w[n["mlp_gate"]])) * lin(x, w[n["mlp_up"]]), w[n["mlp_down"]])
         logits, ids, weights = self.route(layer, x)
         for hook in self.route_hooks:
             hook(layer, x, logits, ids, weights)
         out = (run_experts or self.executor.forward)(layer, x, ids, weights)
         if "shared_gate" in n:
-            shared = (F.silu(x @ w[n["shared_gate"]].T) * (x @ w[n["shared_up"]].T)) @ w[n["shared_down"]].T
-            out = out + torch.sigmoid(x @ w[n["shared_expert_gate"]].T) * shared
+            out = out + self.shared_expert(layer, x)
         return out
+
+    def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Qwen2-MoE's gated shared expert of a sparse layer, x [N, H] -> [N, H]."""
+        w, n, lin = self.w, self.layers[layer], self.linear
+        shared = lin(F.silu(lin(x, w[n["shared_gate"]])) * lin(x, w[n["shared_up"]]), w[n["shared_down"]])
+        return torch.sigmoid(lin(x, w[n["shared_expert_gate"]])) * shared
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.spec
@@ -254,7 +298,7 @@ class MoeModel:
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + t, device=self.device)
         cos, sin = self._rope(positions)
-        h = self.embed[input_ids.to(self.device)]  # [B, T, H]
+        h = self.embed_tokens(input_ids)  # [B, T, H]
         for layer in range(spec.num_layers):
             for hook in self.layer_hooks:
                 hook(layer, h.view(b * t, -1))
@@ -279,7 +323,7 @@ class MoeModel:
         h = self.hidden_states(ids, cache)
         if last_only:
             h = h[:, -1:]
-        logits = h @ self.lm_head.T
+        logits = self.linear(h, self.lm_head)
         return logits[0] if flat else logits
 
     __call__ = forward

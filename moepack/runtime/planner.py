@@ -79,9 +79,11 @@ class ModelShape:
         return [np.full(self.num_experts, self.top_k / self.num_experts)] * self.sparse_layers
 
     @classmethod
-    def from_pack(cls, pack, *, trace=None, dtype: torch.dtype = torch.float32) -> ModelShape:
+    def from_pack(cls, pack, *, trace=None, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> ModelShape:
+        from moepack.format.constants import DTYPES
         from moepack.runtime.api import workspace_bytes
-        from moepack.runtime.model import KVCache
+        from moepack.runtime.model import KVCache, storage_dtype
         from moepack.runtime.routing_trace import manifest_trace
 
         spec = pack.spec
@@ -93,7 +95,9 @@ class ModelShape:
             probs = tuple(tuple(float(v) for v in trace.token_probs(layer)) for layer in trace.layers)
         else:
             src = "uniform"
-        dense = sum(math.prod(t.shape) for t in pack.manifest.tensors) * dtype.itemsize
+        dense = sum(math.prod(t.shape) * storage_dtype(DTYPES[t.dtype], tuple(t.shape), dtype,
+                                                       torch.device(device)).itemsize
+                    for t in pack.manifest.tensors)  # as MoeModel holds them
         return cls(name=pack.path.name, num_layers=spec.num_layers, sparse_layers=len(spec.sparse_layer_ids),
                    num_experts=spec.num_experts, top_k=spec.top_k, hidden=spec.hidden_size,
                    intermediate=spec.moe_intermediate_size,
@@ -391,7 +395,7 @@ def _measure_dense(pm, repeats: int) -> tuple[float, float, float]:
         t1 = _median(lambda: step(1), repeats)
         t8 = _median(lambda: step(8), repeats)
         h = torch.randn(1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
-        head = _median(lambda: int((h @ model.lm_head.T).argmax()), repeats)
+        head = _median(lambda: int(model.linear(h, model.lm_head).argmax()), repeats)
     finally:
         model.executor = saved
     layers = model.spec.num_layers

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moepack.errors import MoepackError
 from moepack.runtime.api import PREFILL_CHUNK, MoePackModel
@@ -454,7 +453,7 @@ class ThroughputEngine:
         starts = [s.cache.length for s in seqs]
         positions = torch.cat([torch.arange(a, a + t) for a, t in zip(starts, lens, strict=True)]).to(m.device)
         cos, sin = m._rope(positions)  # [N, r]: per token, so one rotation serves every sequence
-        h = m.embed[torch.tensor([t for f in feeds for t in f], dtype=torch.long).to(m.device)]  # [N, H]
+        h = m.embed_tokens(torch.tensor([t for f in feeds for t in f], dtype=torch.long))  # [N, H]
         bounds = list(zip(np.cumsum([0, *lens[:-1]]).tolist(), np.cumsum(lens).tolist(), strict=True))
         nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         for layer in range(spec.num_layers):
@@ -462,7 +461,7 @@ class ThroughputEngine:
             for hook in m.layer_hooks:
                 hook(layer, h)
             x = rms_norm(h, w[n["input_norm"]], spec.rms_norm_eps)
-            q, k, v = x @ w[n["q"]].T, x @ w[n["k"]].T, x @ w[n["v"]].T
+            q, k, v = m.linear(x, w[n["q"]]), m.linear(x, w[n["k"]]), m.linear(x, w[n["v"]])
             if spec.qkv_bias:
                 q, k, v = q + w[n["q_bias"]], k + w[n["k_bias"]], v + w[n["v_bias"]]
             if spec.qk_norm == "full":
@@ -482,7 +481,7 @@ class ThroughputEngine:
                 ks, vs = s.cache.update(layer, k[:, :, a:b], v[:, :, a:b])
                 mask = attention_mask(start, b - a, ks.shape[2], spec.sliding_window_for(layer), m.device)
                 outs.append(attend(q[:, :, a:b], ks, vs, mask, m.scale)[0])  # [t, nh*d]
-            o = torch.cat(outs) @ w[n["o"]].T
+            o = m.linear(torch.cat(outs), w[n["o"]])
             if spec.o_bias:
                 o = o + w[n["o_bias"]]
             h = h + o
@@ -491,7 +490,7 @@ class ThroughputEngine:
         for s, t in zip(seqs, lens, strict=True):
             s.cache.advance(t)
         last = torch.tensor([b - 1 for _, b in bounds], device=m.device)
-        logits = rms_norm(h[last], m.final_norm, spec.rms_norm_eps) @ m.lm_head.T  # [B, V]
+        logits = m.linear(rms_norm(h[last], m.final_norm, spec.rms_norm_eps), m.lm_head)  # [B, V]
         self.executor.step += 1
         return list(logits)
 
@@ -505,7 +504,7 @@ class ThroughputEngine:
             positions = torch.arange(start, start + len(f), device=m.device)
             ropes.append(m._rope(positions))
             starts.append(start)
-            hs.append(m.embed[torch.tensor(f, dtype=torch.long).to(m.device)][None])  # [1, t, H]
+            hs.append(m.embed_tokens(torch.tensor(f, dtype=torch.long))[None])  # [1, t, H]
         for layer in range(spec.num_layers):
             n = m.layers[layer]
             xs = []
@@ -534,15 +533,13 @@ class ThroughputEngine:
                 o = out[row: row + x.shape[0]]
                 row += x.shape[0]
                 if "shared_gate" in n:
-                    w = m.w
-                    shared = (F.silu(x @ w[n["shared_gate"]].T) * (x @ w[n["shared_up"]].T)) @ w[n["shared_down"]].T
-                    o = o + torch.sigmoid(x @ w[n["shared_expert_gate"]].T) * shared
+                    o = o + m.shared_expert(layer, x)
                 hs[i] = hs[i] + o.view(1, x.shape[0], -1)
         logits = []
         for s, f, h in zip(seqs, feeds, hs, strict=True):
             s.cache.advance(len(f))
             h = rms_norm(h, m.final_norm, spec.rms_norm_eps)[:, -1:]
-            logits.append((h @ m.lm_head.T)[0, -1])
+            logits.append(m.linear(h, m.lm_head)[0, -1])
         self.executor.step += 1
         return logits
 
