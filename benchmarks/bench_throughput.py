@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,4", help="sequences per batch; each size runs every --batches")
     ap.add_argument("--budgets", default="0.10,0.25")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="compute dtype of every row (float32 or bfloat16)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                for n in torch.randint(8, 41, (args.prompts,), generator=g)]
     lens = [len(p) for p in prompts]
     total_experts = SHAPE["layers"] * SHAPE["experts"]
-    probe = load_for_throughput(path, vram=None, batches=1, slots=total_experts, context=128)
+    probe = load_for_throughput(path, vram=None, batches=1, slots=total_experts, context=128, dtype=args.dtype)
     trace = collect_trace(probe, [prompts[0], prompts[1]], max_new_tokens=8)
     hw = measure_hardware(probe)
     shape = ModelShape.from_pack(probe.pack, trace=trace)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, summary = [], []
     for frac in (float(b) for b in args.budgets.split(",")):
         slots = max(2, round(frac * total_experts))
-        pm = load_for_throughput(path, vram=None, batches=1, slots=slots, context=128)
+        pm = load_for_throughput(path, vram=None, batches=1, slots=slots, context=128, dtype=args.dtype)
         t0 = time.perf_counter()
         stall0, lat, toks = pm.executor.stall_s, [], 0
         loads0 = pm.executor.streamer.loads
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         for size, n in ((size, int(b)) for size in sizes for b in args.batches.split(",")):
-            pm = load_for_throughput(path, vram=None, batches=n, batch_size=size, slots=slots, context=128)
+            pm = load_for_throughput(path, vram=None, batches=n, batch_size=size, slots=slots, context=128,
+                                     dtype=args.dtype)
             res = generate_many(pm, prompts, batches=n, batch_size=size, max_new_tokens=args.new, stop_at_eos=False,
                                 trace=trace, prefetch=prefetch)
             s = res.stats
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                 summary.append((frac, n, size, s.tokens_per_s / base_tps))
     md = (f"Model: generated Mixtral layout {SHAPE}, q4g128, {total_experts} experts of "
           f"{shape.expert_bytes / 1e6:.2f} MB; {args.prompts} prompts of {min(lens)}..{max(lens)} tokens, "
-          f"{args.new} new tokens each (greedy, no EOS stop); torch threads: {args.threads}. N batches of B: N x B "
+          f"{args.new} new tokens each (greedy, no EOS stop); torch threads: {args.threads}; compute dtype "
+          f"{args.dtype} (every row, the baseline too). N batches of B: N x B "
           f"sequences in flight, the MoE of all of them stacked per layer step. Budget = expert cache "
           f"slots as a share of all experts. Stall = time compute waited for expert loads / wall time.\n\n"
           f"Measured hardware for the planner: link {hw.link_gbps:.2f} GB/s, expert call "

@@ -235,3 +235,30 @@ def test_build_failure_is_reported_once_and_auto_falls_back(monkeypatch):
     assert torch.equal(y, matmul(x, parts, recipe, shape, backend="torch"))
     with pytest.raises(KernelUnavailableError, match="no compiler today"):
         matmul(x, parts, recipe, shape, backend="cpp")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cpp_dequant_to_bf16_rounds_like_torch(cpp, bits):
+    """The bf16 output of the dequantiser is the reference decode rounded to nearest even, bit for bit."""
+    parts, recipe, shape, g = _random_quant(bits, 32, seed=40 + bits)
+    ref = decode(parts, recipe, shape).bfloat16()
+    got = cpp.load().qdequant(parts["codes"], parts["scale"], parts["zero"], None, bits, 32, COLS, True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("recipe", ["q4g64", "bf16"])
+def test_bf16_inputs_multiply_many_tokens_in_bf16(cpp, recipe):
+    """A bf16 input above FUSED_MAX_T tokens uses the bf16 GEMM: within bf16 rounding of the float32 reference
+    (relative error < 1e-2, for products of 384 terms); few tokens stay on the exact fused kernels."""
+    g = torch.Generator().manual_seed(50)
+    shape = (ROWS, COLS)
+    parts = encode(torch.randn(*shape, generator=g), recipe)
+    rows = torch.randperm(ROWS, generator=g)[:19]
+    for T in (3, 24):
+        x = torch.randn(T, COLS, generator=g).bfloat16()
+        h = torch.randn(T, 19, generator=g).bfloat16()
+        for op, inp, r in ((matmul, x, None), (matmul, x, rows), (matmul_t, h, rows)):
+            ref = op(inp.float(), parts, recipe, shape, r, backend="torch")
+            got = op(inp, parts, recipe, shape, r, backend="cpp")
+            assert got.dtype == torch.bfloat16
+            assert _rel_err(got.float(), ref) < 1e-2, f"{op.__name__} T={T}"

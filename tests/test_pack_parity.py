@@ -72,6 +72,37 @@ def test_bf16_pack_keeps_dense_weights_16bit_and_matches_transformers(baby, tmp_
     assert (reference.logits(ids) - want).abs().max().item() < 1e-4
 
 
+def test_bfloat16_compute_on_the_cpu_is_as_close_as_transformers_bf16(baby, packs):
+    """--dtype bfloat16 on the CPU (activations, KV cache and many-token products in bf16): its distance to the
+    float32 logits is no more than 1.5x that of transformers run in bfloat16 on the same weights; budgeted ==
+    unbudgeted exactly."""
+    transformers = pytest.importorskip("transformers")
+    from moepack.errors import MoepackError
+    from moepack.runtime.api import parse_dtype
+
+    path = packs("mixtral")  # lossless
+    exact = MoePackModel.load(path, device="cpu")
+    ids = exact.encode(PROMPT * 3)  # long enough for the bf16 GEMM path (> 8 tokens per expert)
+    want = exact.logits(ids)
+    fast = MoePackModel.load(path, device="cpu", dtype="bfloat16")
+    got = fast.logits(ids)
+    assert fast.model.dtype == torch.bfloat16 and got.dtype == torch.float32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(baby("mixtral"), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        hf_bf16 = hf(torch.tensor([ids])).logits[0].float()
+
+    def dist(a):
+        return ((a - want).norm() / want.norm()).item()
+
+    assert 0 < dist(got) <= 1.5 * dist(hf_bf16)
+    probe = MoePackModel.load(path, device="cpu", dtype="bf16", vram="1TB")
+    budgeted = MoePackModel.load(path, device="cpu", dtype="bf16", vram=probe.budget.vram_for(3))
+    assert torch.equal(budgeted.logits(ids), got)
+    assert parse_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(MoepackError, match="unknown compute dtype"):
+        parse_dtype("int8", torch.device("cpu"))
+
+
 def dequantised_reference(pack_path) -> MoeModel:
     """The source architecture with experts replaced by the codec reference's decode of the pack."""
     with Pack(pack_path) as pack:

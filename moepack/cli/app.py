@@ -69,6 +69,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     context: int = typer.Option(2048, "--context", help="Longest prompt + generation the KV cache is planned for."),
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16. bfloat16 on the CPU runs many-token products with bf16 GEMMs (faster batches, bf16 rounding)."),
     cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, fate (per-layer quotas favouring shallow layers), or reuse (evict the expert whose next use is expected farthest away)."),
     prefetch: str = typer.Option("none", "--prefetch", help="none, or fate: predict the next layer's experts from this layer's router input and load them early."),
     prefetch_min_prob: float = typer.Option(0.75, "--prefetch-min-prob", help="With --prefetch fate: load a predicted expert only if predictions like it (same layer and rank) have hit at least this often so far; 0 loads every prediction."),
@@ -89,7 +90,8 @@ def run(
         if prompts_file is not None:  # throughput mode: moepack/cli/throughput_cmd.py
             from moepack.cli import throughput_cmd
 
-            throughput_cmd.run(pack, prompts_file=prompts_file, batches=batches, batch_size=batch_size, vram=vram, device=device,
+            throughput_cmd.run(pack, prompts_file=prompts_file, batches=batches, batch_size=batch_size, vram=vram,
+                               device=device, dtype=dtype,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                context=context, backend=backend, cache_policy=cache_policy, stats=stats,
                                json_out=json_out)
@@ -97,7 +99,7 @@ def run(
         if prompt is None:
             raise MoepackError("give --prompt TEXT, or --prompts FILE for throughput mode")
         run_cmd.run(pack, prompt=prompt, vram=vram, device=device, max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend,
+                    temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend, dtype=dtype,
                     cache_policy=cache_policy, stats=stats, json_out=json_out, prefetch=prefetch, adaptive_k=adaptive_k,
                     prefetch_min_prob=prefetch_min_prob, fallback=fallback, sparse_channels=sparse_channels, partial_loads=partial_loads)
     except MoepackError as exc:
@@ -137,6 +139,7 @@ def plan(
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
     trace_prompts: int = typer.Option(4, "--trace-prompts", help="Prompts run to collect a routing trace when the manifest has no frequencies."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences per batch (as `moepack run --batch-size`)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype the plan is for (as `moepack run --dtype`)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose batches, expert slots and hot experts for throughput mode; predict tokens/s and where time goes."""
@@ -145,7 +148,7 @@ def plan(
     try:
         plan_cmd.run(pack, vram=vram, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps,
                      context=context, device=device, backend=backend, trace_count=trace_prompts, json_out=json_out,
-                     batch_size=batch_size)
+                     batch_size=batch_size, dtype=dtype)
     except MoepackError as exc:
         _fail(exc)
 

@@ -28,7 +28,7 @@ def trace_prompts(pm, count: int) -> list[list[int]]:
 
 def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_gbps=None, context: int = 2048,
               device: str = "auto", backend: str = "auto", trace_count: int = 4, prompts: list[int] | None = None,
-              max_new_tokens: int = 64, batch_size: int = 1):
+              max_new_tokens: int = 64, batch_size: int = 1, dtype: str = "auto"):
     """(Plan, MoePackModel) for a pack path or name."""
     from moepack.errors import BudgetError
     from moepack.format import Pack
@@ -45,7 +45,7 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
                           f"{shape.top_k} expert slots need more; compress harder or shorten --context")
     on_cuda = pick_device(device).type == "cuda"
     pm = MoePackModel.load(resolve_pack(pack), vram=vram if on_cuda else None, device=device, backend=backend,
-                           context=context)
+                           context=context, dtype=dtype)
     trace = manifest_trace(pm.pack)
     if trace is None and trace_count > 0:
         trace = collect_trace(pm, trace_prompts(pm, trace_count), max_new_tokens=8)
@@ -56,12 +56,12 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
 
 
 def run(pack: str, *, vram: str, link_gbps, device_tflops, mem_gbps, context: int, device: str, backend: str,
-        trace_count: int, json_out: bool, batch_size: int = 1) -> None:
+        trace_count: int, json_out: bool, batch_size: int = 1, dtype: str = "auto") -> None:
     err = Console(stderr=True)
     with err.status("measuring", spinner="dots"):
         plan, _ = make_plan(pack, vram=vram, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps,
                             context=context, device=device, backend=backend, trace_count=trace_count,
-                            batch_size=batch_size)
+                            batch_size=batch_size, dtype=dtype)
     if json_out:
         print(json.dumps(plan.to_json(), indent=1))
         return

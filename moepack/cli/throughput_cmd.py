@@ -23,22 +23,24 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def run(pack: str, *, prompts_file: Path, batches: int, batch_size: int = 1, vram, device, max_new_tokens, temperature, top_p, seed,
-        context, backend, cache_policy, stats: bool, json_out: bool) -> None:
+def run(pack: str, *, prompts_file: Path, batches: int, batch_size: int = 1, vram, device, max_new_tokens,
+        temperature, top_p, seed, context, backend, cache_policy, stats: bool, json_out: bool,
+        dtype: str = "auto") -> None:
     from moepack.runtime.throughput import generate_many, load_for_throughput
     from moepack.source import resolve_pack
 
     prompts = read_prompts(prompts_file)
     err = Console(stderr=True)
     with err.status("loading pack", spinner="dots"):
-        model = load_for_throughput(resolve_pack(pack), vram=vram, batches=batches, batch_size=batch_size, device=device, backend=backend,
-                                    cache_policy=cache_policy, context=context)
+        model = load_for_throughput(resolve_pack(pack), vram=vram, batches=batches, batch_size=batch_size,
+                                    device=device, backend=backend, cache_policy=cache_policy, context=context,
+                                    dtype=dtype)
     if model.budget is not None and not json_out:
         err.print(f"[dim]budget ({batches} batches of {batch_size}): {model.budget.describe()}[/]", highlight=False)
     # next-layer prefetch pays where a copy engine overlaps compute (CUDA); CPU copies share the compute cores
     prefetch = model.model.device.type == "cuda"
-    result = generate_many(model, prompts, batches=batches, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, prefetch=prefetch)
+    result = generate_many(model, prompts, batches=batches, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, seed=seed, prefetch=prefetch)
     if json_out:
         print(json.dumps({"results": [{"prompt": prompts[r.index], "text": r.text, "tokens": r.tokens,
                                        "latency_s": r.latency_s, "ttft_s": r.ttft_s} for r in result.results],

@@ -7,8 +7,12 @@ dequantisation well, so those dequantise a block of rows at a time and use the B
 
 The C++ extension also serves bf16/fp16 passthrough matrices (`pmatmul`, `pmatmul_t`: weights widened to
 fp32 on the fly, so no per-call upcast of the whole matrix, for rows of a multiple of 32 columns); above
-FUSED_MAX_T tokens (or for other widths) those upcast a block of rows at a time and use the BLAS matmul,
-as the quantised path does.
+FUSED_MAX_T tokens (or for other widths) those use the blocked BLAS path too.
+
+The blocked path multiplies in `wide`: float32 by default (weights decoded or widened exactly), or bfloat16
+when the caller computes in bf16 (`ops.matmul` passes it for bf16 inputs on the CPU): a bf16 pack's block
+is then used as stored, a quantised block is dequantised straight to bf16 (rounded to nearest), and torch's
+bf16 GEMM (float32 accumulation) runs it, which on CPUs with bf16 dot products is several times faster.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from moepack.codecs.recipe import Recipe
 from moepack.kernels._build import LazyExtension
 
 FUSED_MAX_T = 8
-_TILE_ELEMS = 1 << 21  # fp32 elements per dequantised block (8 MiB)
+_TILE_ELEMS = 1 << 21  # elements per dequantised block (8 MiB in fp32)
 
 
 PASSTHROUGH_DTYPES = {"cpu": frozenset({"bf16", "fp16"}), "cuda": frozenset()}  # fused passthrough kernels
+_VALUES_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def supports(recipe: Recipe, device_type: str = "cpu") -> bool:
@@ -58,39 +63,67 @@ def _row_blocks(n: int, cols: int, rows: torch.Tensor | None):
         yield i0, i1, (rows[i0:i1] if rows is not None else None)
 
 
-def matmul(ext: LazyExtension, x: torch.Tensor, parts, recipe: Recipe, cols: int, rows: torch.Tensor | None):
+def _block_reader(ops, parts, recipe: Recipe, cols: int, device: torch.device, wide: torch.dtype):
+    """(n rows of the whole matrix, read(i0, i1, sub) -> W[rows][i0:i1] as `wide` [i1-i0, cols])."""
+    if not recipe.quantized:
+        values = parts["values"].to(device)
+
+        def read(i0, i1, sub):
+            w = values[i0:i1] if sub is None else values.index_select(0, sub)
+            return w if w.dtype == wide else w.to(wide)
+
+        return values.shape[0], read
+    codes, scale, zero = _qparts(parts, device)
+    extra = (wide == torch.bfloat16,) if device.type == "cpu" else ()  # the CUDA op has no bf16 output
+
+    def read(i0, i1, sub):
+        c, s, z = (codes, scale, zero) if sub is not None else (t[i0:i1] for t in (codes, scale, zero))
+        w = ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols, *extra)
+        return w if w.dtype == wide else w.to(wide)
+
+    return codes.shape[0], read
+
+
+def _fused(recipe: Recipe, parts, tokens: int) -> bool:
+    return tokens <= FUSED_MAX_T and (recipe.quantized or parts["values"].shape[1] % 32 == 0)
+
+
+def matmul(ext: LazyExtension, x: torch.Tensor, parts, recipe: Recipe, cols: int, rows: torch.Tensor | None,
+           wide: torch.dtype = torch.float32):
     """x [T, cols] float32 -> x @ W[rows].T [T, n] float32."""
     ops = ext.load()
-    if not recipe.quantized:
-        return _passthrough_matmul(ops, x, parts["values"], rows)
-    codes, scale, zero = _qparts(parts, x.device)
-    if x.shape[0] <= FUSED_MAX_T:
+    if _fused(recipe, parts, x.shape[0]):
+        if not recipe.quantized:
+            return ops.pmatmul(x, parts["values"].to(x.device), rows)
+        codes, scale, zero = _qparts(parts, x.device)
         return ops.qmatmul(x, codes, scale, zero, rows, recipe.bits, recipe.group)
-    n = rows.shape[0] if rows is not None else codes.shape[0]
+    total, read = _block_reader(ops, parts, recipe, cols, x.device, wide)
+    n = rows.shape[0] if rows is not None else total
+    xw = x.to(wide)
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     for i0, i1, sub in _row_blocks(n, cols, rows):
-        c, s, z = (codes, scale, zero) if sub is not None else (t[i0:i1] for t in (codes, scale, zero))
-        w = ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols)  # [i1-i0, cols]
-        out[:, i0:i1] = x @ w.T
+        out[:, i0:i1] = xw @ read(i0, i1, sub).T
     return out
 
 
-def matmul_t(
-    ext: LazyExtension, h: torch.Tensor, parts, recipe: Recipe, cols: int, rows: torch.Tensor | None
-):
+def matmul_t(ext: LazyExtension, h: torch.Tensor, parts, recipe: Recipe, cols: int, rows: torch.Tensor | None,
+             wide: torch.dtype = torch.float32):
     """h [T, n] float32 -> h @ W[rows] [T, cols] float32."""
     ops = ext.load()
-    if not recipe.quantized:
-        return _passthrough_matmul_t(ops, h, parts["values"], rows)
-    codes, scale, zero = _qparts(parts, h.device)
-    if h.shape[0] <= FUSED_MAX_T:
+    if _fused(recipe, parts, h.shape[0]):
+        if not recipe.quantized:
+            return ops.pmatmul_t(h, parts["values"].to(h.device), rows)
+        codes, scale, zero = _qparts(parts, h.device)
         return ops.qmatmul_t(h, codes, scale, zero, rows, recipe.bits, recipe.group, cols)
-    n = h.shape[1]
+    _, read = _block_reader(ops, parts, recipe, cols, h.device, wide)
+    hw = h.to(wide)
     out = torch.zeros(h.shape[0], cols, dtype=torch.float32, device=h.device)
-    for i0, i1, sub in _row_blocks(n, cols, rows):
-        c, s, z = (codes, scale, zero) if sub is not None else (t[i0:i1] for t in (codes, scale, zero))
-        w = ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols)
-        out.addmm_(h[:, i0:i1], w)
+    for i0, i1, sub in _row_blocks(h.shape[1], cols, rows):
+        w = read(i0, i1, sub)
+        if wide == torch.float32:
+            out.addmm_(hw[:, i0:i1], w)
+        else:
+            out += hw[:, i0:i1] @ w
     return out
 
 
@@ -99,29 +132,3 @@ def dequantize(ext: LazyExtension, parts, recipe: Recipe, cols: int, rows: torch
     ops = ext.load()
     codes, scale, zero = _qparts(parts, device)
     return ops.qdequant(codes, scale, zero, rows, recipe.bits, recipe.group, cols)
-
-
-def _passthrough_matmul(ops, x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """x [T, cols] float32 -> x @ values[rows].T; values bf16/fp16 (the kernel reads row-strided views in
-    place and copies other layouts itself)."""
-    values = values.to(x.device)
-    if x.shape[0] <= FUSED_MAX_T and values.shape[1] % 32 == 0:
-        return ops.pmatmul(x, values, rows)
-    n, cols = (rows.shape[0] if rows is not None else values.shape[0]), values.shape[1]
-    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-    for i0, i1, sub in _row_blocks(n, cols, rows):
-        w = values[i0:i1] if sub is None else values.index_select(0, sub)
-        out[:, i0:i1] = x @ w.float().T
-    return out
-
-
-def _passthrough_matmul_t(ops, h: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """h [T, n] float32 -> h @ values[rows] (see _passthrough_matmul)."""
-    values = values.to(h.device)
-    if h.shape[0] <= FUSED_MAX_T and values.shape[1] % 32 == 0:
-        return ops.pmatmul_t(h, values, rows)
-    out = torch.zeros(h.shape[0], values.shape[1], dtype=torch.float32, device=h.device)
-    for i0, i1, sub in _row_blocks(h.shape[1], values.shape[1], rows):
-        w = values[i0:i1] if sub is None else values.index_select(0, sub)
-        out.addmm_(h[:, i0:i1], w.float())
-    return out

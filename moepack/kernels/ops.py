@@ -52,8 +52,9 @@ class Backend(str, Enum):
             raise KernelUnavailableError(f"unknown kernel backend {value!r}; choose one of {names}") from None
 
 
-# A base-product implementation: (x or h float32, parts, base recipe, cols, rows) -> float32 product.
-BaseOp = Callable[[torch.Tensor, dict, Recipe, int, "torch.Tensor | None"], torch.Tensor]
+# A base-product implementation: (x or h float32, parts, base recipe, cols, rows, wide) -> float32 product,
+# `wide` the dtype a backend may multiply large token blocks in (float32 or bfloat16).
+BaseOp = Callable[[torch.Tensor, dict, Recipe, int, "torch.Tensor | None", torch.dtype], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,16 @@ def _compiled_impl(backend: Backend, ext: LazyExtension, device_type: str) -> Ke
         device_type=device_type,
         supports=lambda recipe: compiled.supports(recipe, device_type),
         unavailable=unavailable,
-        matmul=lambda x, p, r, c, rows: compiled.matmul(ext, x, p, r, c, rows),
-        matmul_t=lambda h, p, r, c, rows: compiled.matmul_t(ext, h, p, r, c, rows),
+        matmul=lambda x, p, r, c, rows, wide: compiled.matmul(ext, x, p, r, c, rows, wide),
+        matmul_t=lambda h, p, r, c, rows, wide: compiled.matmul_t(ext, h, p, r, c, rows, wide),
     )
 
 
 _REGISTRY: dict[Backend, KernelImpl] = {
-    Backend.TORCH: KernelImpl(
-        Backend.TORCH, None, lambda r: True, lambda: None, reference.matmul, reference.matmul_t
+    Backend.TORCH: KernelImpl(  # the reference: always float32
+        Backend.TORCH, None, lambda r: True, lambda: None,
+        lambda x, p, r, c, rows, wide: reference.matmul(x, p, r, c, rows),
+        lambda h, p, r, c, rows, wide: reference.matmul_t(h, p, r, c, rows),
     ),
     Backend.CPP: _compiled_impl(Backend.CPP, CPP_EXT, "cpu"),
     Backend.CUDA: _compiled_impl(Backend.CUDA, CUDA_EXT, "cuda"),
@@ -144,7 +147,7 @@ def matmul(
     base = _base_recipe(recipe)
     impl = _base_impl(backend, base, x.device)
     if impl is not None:
-        out = impl.matmul(x32.contiguous(), parts, base, cols, rows)
+        out = impl.matmul(x32.contiguous(), parts, base, cols, rows, _wide(x))
     else:  # passthrough without a kernel for its dtype
         out = x32 @ _rows_of(parts["values"], rows).to(x.device, torch.float32).T
     if recipe.rank:
@@ -172,7 +175,7 @@ def matmul_t(
     base = _base_recipe(recipe)
     impl = _base_impl(backend, base, h.device)
     if impl is not None:
-        out = impl.matmul_t(h32.contiguous(), parts, base, cols, rows)
+        out = impl.matmul_t(h32.contiguous(), parts, base, cols, rows, _wide(h))
     else:  # passthrough without a kernel for its dtype
         out = h32 @ _rows_of(parts["values"], rows).to(h.device, torch.float32)
     if recipe.rank:
@@ -180,6 +183,10 @@ def matmul_t(
         v = parts["lr_v"].to(h.device, torch.float32)  # [R, cols]
         out = out + (h32 @ u) @ v
     return out.to(h.dtype)
+
+
+def _wide(x: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
 @functools.lru_cache(maxsize=256)

@@ -40,6 +40,22 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(value: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: float32 on the CPU (exact) and bfloat16 on CUDA unless asked ('auto' or None)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value is None or str(value).strip().lower() == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    name = str(value).strip().lower()
+    if name not in DTYPE_NAMES:
+        raise MoepackError(f"unknown compute dtype {value!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPE_NAMES[name]
+
+
 def workspace_bytes(spec, dtype: torch.dtype) -> int:
     """Activations of one prefill chunk: hidden states, attention scores, expert intermediates, logits."""
     per_token = 4 * spec.hidden_size + 3 * spec.moe_intermediate_size + spec.vocab_size + 2 * spec.num_heads * PREFILL_CHUNK
@@ -64,7 +80,7 @@ class MoePackModel:
 
     @classmethod
     def load(cls, path: str | Path, *, vram: str | int | None = None, device: str = "auto", backend: str = "auto",
-             cache_policy: str = "lru", dtype: torch.dtype | None = None, context: int = 2048,
+             cache_policy: str = "lru", dtype: torch.dtype | str | None = None, context: int = 2048,
              verify: bool = True, prefetch: str = "none", prefetch_width: int | None = None,
              prefetch_min_prob: float = PREFETCH_MIN_PROB,
              adaptive_k: float | str | None = None, fallback: float | str | bool | None = FALLBACK_SHARE,
@@ -90,7 +106,7 @@ class MoePackModel:
         if isinstance(cache_policy, str):
             make_policy(cache_policy, slots=len(pack.manifest.experts), layers=layers)  # a bad name fails early
         dev = pick_device(device)
-        dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        dtype = parse_dtype(dtype, dev)
         kernel = Backend.parse(backend)
         dense = {t.name: pack.tensor(t.name, verify=verify) for t in pack.manifest.tensors}
         budget = None

@@ -9,8 +9,9 @@ lm_head) and hands the routed experts of each sparse layer to an expert executor
 executor of the runtime plugs in the same way. Only torch, moepack.arch and moepack.kernels are imported.
 
 Dense weight matrices stored in bf16/fp16 stay in that dtype on the CPU when the C++ kernels are there (half
-the memory and half the bytes read per token) and are widened to the compute dtype inside the kernel, which is
-exact; `linear` is the one place every projection goes through."""
+the memory and half the bytes read per token than float32) and go through the kernels, which widen them to
+float32 exactly for a few tokens, and for many tokens multiply in float32 (float32 compute) or with torch's
+bf16 GEMM (bfloat16 compute); `linear` is the one place every projection goes through."""
 
 from __future__ import annotations
 
@@ -127,13 +128,18 @@ class KVCache:
 _WIDE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def widens_on(device: torch.device, dtype: torch.dtype, backend: Backend | str = Backend.AUTO) -> bool:
+    """Whether 16-bit dense matrices stay 16-bit: float32 or bfloat16 compute on the CPU with the C++ kernels."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and Backend.parse(backend) is not Backend.TORCH
+            and resolve_backend(backend, "bf16", device) is Backend.CPP)
+
+
 def storage_dtype(stored: torch.dtype, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                   backend: Backend | str = Backend.AUTO) -> torch.dtype:
     """The dtype a dense tensor is held in: a 16-bit matrix stays 16-bit where a kernel widens it on the fly
-    (float32 compute on the CPU with the C++ kernels), everything else is converted to the compute dtype."""
-    if (len(shape) == 2 and stored in _WIDE and dtype == torch.float32 and device.type == "cpu"
-            and Backend.parse(backend) is not Backend.TORCH
-            and resolve_backend(backend, _WIDE[stored], device) is Backend.CPP):
+    (`widens_on`), everything else is converted to the compute dtype."""
+    if len(shape) == 2 and stored in _WIDE and widens_on(device, dtype, backend):
         return stored
     return dtype
 
@@ -154,11 +160,12 @@ class MoeModel:
                  backend: Backend | str = Backend.AUTO):
         self.spec, self.executor, self.dtype, self.device = spec, executor, dtype, torch.device(device)
         self.backend = Backend.parse(backend)
+        self.widen = widens_on(self.device, dtype, self.backend)  # 16-bit matrices through the kernels
         self.names = adapter_for(spec)
         self.w: dict[str, torch.Tensor] = {}
         for name in self.names.dense_tensor_names():
             t = tensors[name]
-            keep = storage_dtype(t.dtype, tuple(t.shape), dtype, self.device, self.backend)
+            keep = t.dtype if self.widen and t.dim() == 2 and t.dtype in _WIDE else dtype
             self.w[name] = t.to(device=self.device, dtype=keep).contiguous()
         g = self.names.global_tensor_names()
         self.embed = self.w[g["embed"]]
@@ -196,7 +203,7 @@ class MoeModel:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ w.T for a dense weight w [out, in] (in the compute dtype, or 16-bit: see module doc)."""
-        if w.dtype == x.dtype:
+        if not (self.widen and w.dtype in _WIDE):
             return x @ w.T
         flat = x.reshape(-1, x.shape[-1])
         out = matmul(flat, {"values": w}, _WIDE[w.dtype], tuple(w.shape), backend=self.backend)

@@ -18,7 +18,7 @@
 // Ops (registered with torch.library under the namespace moepack_cpu):
 //   qmatmul(x[T,cols], ..., rows?)       -> [T, n]    = x @ W[rows].T   (row dot products)
 //   qmatmul_t(h[T,n], ..., rows?, cols)  -> [T, cols] = h @ W[rows]     (weighted sum of rows)
-//   qdequant(..., rows?, cols)           -> [n, cols] = W[rows] in fp32
+//   qdequant(..., rows?, cols, bf16)     -> [n, cols] = W[rows] in fp32, or rounded to bf16 (nearest even)
 //   pmatmul(x[T,cols], w, rows?)         -> [T, n]    (w bf16/fp16 [rows, cols])
 //   pmatmul_t(h[T,n], w, rows?)          -> [T, cols]
 // Token counts up to 8 run fused; the Python wrapper sends larger T through a dequantised (or widened)
@@ -315,6 +315,26 @@ void matmul_t_tiles(const M& m, const float* h, int64_t T, const int64_t* rows, 
   });
 }
 
+// 8 floats -> 8 bf16, round to nearest even (weights are finite, so no NaN handling is needed).
+#if MOEPACK_AVX2
+inline void store_bf16(uint16_t* p, V8 a) {
+  __m256i b = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  // every lane is now in [0, 0xFFFF], so the unsigned-saturating pack is exact
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#else
+inline void store_bf16(uint16_t* p, V8 a) {
+  for (int i = 0; i < 8; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &a.v[i], 4);
+    p[i] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+#endif
+
 template <class M>
 void dequant_rows(const M& m, const int64_t* rows, int64_t n, float* out) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
@@ -323,6 +343,19 @@ void dequant_rows(const M& m, const int64_t* rows, int64_t n, float* out) {
       m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) v_store(o + col + 8 * j, w[j]);
+      });
+    }
+  });
+}
+
+template <class M>
+void dequant_rows_bf16(const M& m, const int64_t* rows, int64_t n, uint16_t* out) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint16_t* o = out + i * m.cols;
+      m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) store_bf16(o + col + 8 * j, w[j]);
       });
     }
   });
@@ -453,13 +486,17 @@ at::Tensor qmatmul_t(const at::Tensor& h, const at::Tensor& codes, const at::Ten
 }
 
 at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols) {
+                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols, bool bf16) {
   at::Tensor out;
   with_quant_rows(codes, scale, zero, bits, group, cols, [&](const auto& m) {
     int64_t n;
     const int64_t* r = check_rows(rows, codes.size(0), &n);
-    out = at::empty({n, cols}, at::TensorOptions().dtype(at::kFloat));
-    if (n > 0) dequant_rows(m, r, n, out.data_ptr<float>());
+    out = at::empty({n, cols}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+    if (n == 0) return;
+    if (bf16)
+      dequant_rows_bf16(m, r, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
+    else
+      dequant_rows(m, r, n, out.data_ptr<float>());
   });
   return out;
 }
@@ -485,7 +522,9 @@ TORCH_LIBRARY(moepack_cpu, m) {
   m.def(
       "qmatmul_t(Tensor h, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols) "
       "-> Tensor");
-  m.def("qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols) -> Tensor");
+  m.def(
+      "qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, bool bf16=False) "
+      "-> Tensor");
   m.def("pmatmul(Tensor x, Tensor w, Tensor? rows) -> Tensor");
   m.def("pmatmul_t(Tensor h, Tensor w, Tensor? rows) -> Tensor");
   m.def("simd() -> bool", [] { return has_avx2(); });
