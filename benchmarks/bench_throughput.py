@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from moepack.runtime.planner import ModelShape, measure_hardware, predict
+    from moepack.runtime.planner import ModelShape, calibrate_engine, measure_hardware, predict
     from moepack.runtime.routing_trace import collect_trace
     from moepack.runtime.throughput import generate_many, load_for_throughput
 
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     probe = load_for_throughput(path, vram=None, batches=1, slots=total_experts, context=128, dtype=args.dtype)
     trace = collect_trace(probe, [prompts[0], prompts[1]], max_new_tokens=8)
     hw = measure_hardware(probe)
-    shape = ModelShape.from_pack(probe.pack, trace=trace)
+    shape = ModelShape.from_pack(probe.pack, trace=trace, dtype=probe.model.dtype)
+    hw = calibrate_engine(probe, shape, hw)  # every expert is resident in the probe
     del probe
     prefetch = hw.overlap >= 0.25  # a prefetch only pays when its copy can hide under compute
     print(hw)
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             lat.append(time.perf_counter() - t0)
         wall = time.perf_counter() - t0
         base_tps = toks / wall
-        pred = predict(shape, hw, batches=1, slots=slots, pipelined=False, prompts=lens, max_new_tokens=args.new)
+        pred = predict(shape, hw, batches=1, slots=slots, pipelined=False, prompts=lens, max_new_tokens=args.new,
+                       engine=False)
         rows.append([f"{frac:.0%} ({slots})", "one at a time", f"{base_tps:.2f}", "1.00x", f"{sum(lat) / len(lat):.2f}",
                      pm.executor.streamer.loads - loads0, f"{(pm.executor.stall_s - stall0) / wall:.1%}",
                      f"{pred.run_tokens_per_s:.2f}", f"{pred.run_tokens_per_s / base_tps - 1:+.0%}"])

@@ -72,6 +72,21 @@ def test_batch_size_counts_sequences_in_flight():
     assert slots_for(toy(), 40_000_000, 2, 1000, batch_size=3) == slots_for(toy(), 40_000_000, 6, 1000)
 
 
+def test_measured_curves_replace_the_linear_terms():
+    """Curves are interpolated piecewise linearly (extrapolated by the last slope); the engine factor is
+    interpolated too but held flat beyond its points; it scales only the engine's compute."""
+    hw = Hardware(link_gbps=1.0, expert_fixed_s=1.0, expert_token_s=1.0, dense_token_s=1.0, head_token_s=0.0,
+                  expert_curve=((1, 1e-3), (8, 2e-3)), dense_curve=((1, 4e-4), (4, 1e-3)),
+                  engine_scale=((1, 1.0), (4, 2.0)))
+    assert hw.expert_s(1) == pytest.approx(1e-3) and hw.expert_s(4.5) == pytest.approx(1.5e-3)
+    assert hw.expert_s(15) == pytest.approx(3e-3) and hw.dense_s(2) == pytest.approx(6e-4)
+    assert hw.engine_factor(2) == pytest.approx(4 / 3) and hw.engine_factor(10) == pytest.approx(2.0)
+    shape = toy(num_layers=2, sparse_layers=2)
+    plain = predict(shape, hw, batches=2, slots=shape.total_experts, engine=False)
+    engine = predict(shape, hw, batches=2, slots=shape.total_experts)
+    assert engine.compute_s - 2 * hw.head_token_s == pytest.approx((plain.compute_s - 2 * hw.head_token_s) * 4 / 3)
+
+
 def test_slots_for_budget():
     shape = toy(sparse_layers=8, num_layers=8)
     assert slots_for(shape, 10_000_000 + 4 * 100 * 1000 + 5_000_000, 4, 100) == 5
@@ -118,6 +133,10 @@ def test_plan_json_fields(baby, tmp_path):
         assert key in data, key
     assert set(data["time_per_step"]) == {"compute_s", "transfer_s", "stall_s", "step_s"}
     assert data["hardware"]["link_gbps"] == 2.0 and data["model"]["probs_source"] == "trace"
+    hw = data["hardware"]  # every expert fits 64MB: the engine was calibrated on short runs
+    assert "engine calibrated" in hw["source"] and 0.0 <= hw["overlap"] <= 1.0
+    assert len(hw["engine_scale"]) == 4 and all(f > 0 for _, f in hw["engine_scale"])
+    assert len(hw["expert_curve"]) == len(hw["dense_curve"]) == 7
     assert data["slots"] >= 2 and data["batches"] in [c["batches"] for c in data["candidates"]]
     res = CliRunner().invoke(app, ["plan", str(out), "--vram", "1MB", "--link-gbps", "2", "--device-tflops", "1"])
     assert res.exit_code == 2 and "too small" in res.output or "fewer than" in res.output

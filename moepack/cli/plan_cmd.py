@@ -51,6 +51,13 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
         trace = collect_trace(pm, trace_prompts(pm, trace_count), max_new_tokens=8)
     hw = measure_hardware(pm, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps)
     shape = ModelShape.from_pack(pm.pack, trace=trace, dtype=pm.model.dtype, device=pm.model.device)
+    if device_tflops is None and not on_cuda and shape.total_experts * shape.expert_bytes + shape.dense_bytes <= budget:
+        # every expert fits the budget: calibrate the engine's overheads on short runs with all of them resident
+        from moepack.runtime.planner import calibrate_engine
+        from moepack.runtime.throughput import load_for_throughput
+
+        hw = calibrate_engine(load_for_throughput(pm.pack.path, vram=None, batches=1, device=device, backend=backend,
+                                                  context=64, dtype=dtype), shape, hw)
     return choose(shape, hw, budget, context=context, prompts=prompts, max_new_tokens=max_new_tokens,
                   batch_size=batch_size), pm
 

@@ -9,7 +9,11 @@ routing trace or the manifest's profiled frequencies, uniform k/E otherwise):
                                                  last step also needed is still resident with probability
                                                  r = min(1, streaming slots / W), W = sum over layers of the
                                                  streamed experts one step needs (LRU over a layer scan)
-    C = U * expert_fixed + t*k * expert_token + t * dense_token + dense_fixed   compute
+    C = sum_e p_e * expert(t q_e / p_e) + dense(t)     compute: each needed expert runs once over its
+                                                 expected tokens; expert(n) and dense(n) are curves
+                                                 measured through the runtime's own executor and forward
+                                                 (or expert_fixed + n * expert_token, dense_fixed + n *
+                                                 dense_token when given on paper)
     X = M * expert_bytes / link                                          transfer
     layer = max(C, X) + (1 - overlap) * min(C, X)     pipelined (>= 2 streaming slots)
           = C + X                                     not pipelined (the plain runtime on the CPU)
@@ -48,9 +52,46 @@ class Hardware:
     overlap: float = 1.0  # share of min(compute, transfer) hidden under the other when pipelined
     dense_fixed_s: float = 0.0  # dense parts of one layer per step regardless of tokens (dispatch, weight reads)
     source: str = "given"
+    # measured curves (tokens, seconds), used instead of the linear terms above when present: one expert call
+    # through the runtime's executor, and the dense parts of one layer, for n tokens
+    expert_curve: tuple[tuple[int, float], ...] = ()
+    dense_curve: tuple[tuple[int, float], ...] = ()
+    # (sequences in flight, measured / modelled compute) of the multi-batch engine with every expert resident:
+    # what the per-part curves miss there (per-sequence attention, stacking, the loader thread beside compute)
+    engine_scale: tuple[tuple[int, float], ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def expert_s(self, tokens: float) -> float:
+        """One expert call with `tokens` tokens."""
+        if self.expert_curve:
+            return _interpolate(self.expert_curve, tokens)
+        return self.expert_fixed_s + tokens * self.expert_token_s
+
+    def engine_factor(self, seqs: float) -> float:
+        return _interpolate(self.engine_scale, seqs, extrapolate=False) if self.engine_scale else 1.0
+
+    def dense_s(self, tokens: float) -> float:
+        """The dense parts of one layer (norms, attention, router, shared expert) for `tokens` tokens."""
+        if self.dense_curve:
+            return _interpolate(self.dense_curve, tokens)
+        return self.dense_fixed_s + tokens * self.dense_token_s
+
+
+def _interpolate(curve: tuple[tuple[int, float], ...], x: float, extrapolate: bool = True) -> float:
+    """Piecewise linear through the measured points: the first value below them, and beyond the last the
+    last segment's slope (or the last value, without `extrapolate`)."""
+    pts = sorted(curve)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if not extrapolate or len(pts) == 1:
+        return pts[-1][1]
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
 
 
 @dataclass(frozen=True)
@@ -152,23 +193,26 @@ def hot_set(shape: ModelShape, hot: int, tokens: int) -> list[tuple[int, int]]:
 
 
 def layer_times(shape: ModelShape, hw: Hardware, tokens: int, hot: set, *, pipelined: bool,
-                all_resident: bool = False, streaming_slots: int | None = None) -> tuple[float, float, float, float]:
-    """(time, compute, transfer, loads) over the layers for one step of `tokens` tokens (head excluded)."""
+                all_resident: bool = False, streaming_slots: int | None = None,
+                engine_seqs: int | None = None) -> tuple[float, float, float, float]:
+    """(time, compute, transfer, loads) over the layers for one step of `tokens` tokens (head excluded);
+    `engine_seqs`: the multi-batch engine with that many sequences in flight (its calibration applies)."""
+    scale = hw.engine_factor(engine_seqs) if engine_seqs else 1.0
     per_load = shape.expert_bytes / (hw.link_gbps * 1e9)
     needs = [1 - (1 - qs) ** tokens for qs in shape.layer_probs()]
     cold = [np.array([p for e, p in enumerate(need) if (li, e) not in hot]) for li, need in enumerate(needs)]
     working = sum(float(c.sum()) for c in cold)  # distinct streamed experts one step touches
     keep = 0.0 if streaming_slots is None or working <= 0 else min(1.0, streaming_slots / working)
     total = comp = xfer = loads = 0.0
-    for need, c_need in zip(needs, cold, strict=True):
-        u = float(need.sum())
+    for qs, need, c_need in zip(shape.layer_probs(), needs, cold, strict=True):
         m = 0.0 if all_resident else float((c_need * (1 - keep * c_need)).sum())
-        c = (u * hw.expert_fixed_s + tokens * shape.top_k * hw.expert_token_s + tokens * hw.dense_token_s
-             + hw.dense_fixed_s)
+        # each needed expert runs once over its tokens: t*q_e / p_e of them on average when it is needed
+        calls = sum(p * hw.expert_s(tokens * q / p) for q, p in zip(qs, need, strict=True) if p > 0)
+        c = (calls + hw.dense_s(tokens)) * scale
         x = m * per_load
         t = max(c, x) + (1 - hw.overlap) * min(c, x) if pipelined else c + x
         total, comp, xfer, loads = total + t, comp + c, xfer + x, loads + m
-    extra = (shape.num_layers - shape.sparse_layers) * (tokens * hw.dense_token_s + hw.dense_fixed_s)  # dense MLPs
+    extra = (shape.num_layers - shape.sparse_layers) * hw.dense_s(tokens) * scale  # dense MLP layers
     return total + extra, comp + extra, xfer, loads
 
 
@@ -181,15 +225,18 @@ def slots_for(shape: ModelShape, vram: int | None, batches: int, context: int, b
 
 
 def predict(shape: ModelShape, hw: Hardware, *, batches: int, slots: int, hot: int = 0, pipelined: bool = True,
-            prompts: list[int] | None = None, max_new_tokens: int = 64, batch_size: int = 1) -> Prediction:
-    """Steady-state decode prediction; with `prompts` (their lengths) also a simulated whole run."""
+            prompts: list[int] | None = None, max_new_tokens: int = 64, batch_size: int = 1,
+            engine: bool = True) -> Prediction:
+    """Steady-state decode prediction; with `prompts` (their lengths) also a simulated whole run. `engine`:
+    the multi-batch engine (throughput mode); False: the plain runtime, one sequence (`pipelined=False`)."""
     streaming = slots - hot
     pipe = pipelined and streaming >= 2
     resident = slots >= shape.total_experts
     seqs = batches * batch_size
     hs = set(hot_set(shape, hot, seqs))
+    eng = seqs if engine else None
     t, c, x, loads = layer_times(shape, hw, seqs, hs, pipelined=pipe, all_resident=resident,
-                                 streaming_slots=streaming)
+                                 streaming_slots=streaming, engine_seqs=eng)
     head = seqs * hw.head_token_s
     t, c = t + head, c + head
     pred = Prediction(batches=batches, slots=slots, hot=hot, pipelined=pipe, tokens_per_s=seqs / t, step_s=t,
@@ -198,14 +245,14 @@ def predict(shape: ModelShape, hw: Hardware, *, batches: int, slots: int, hot: i
     if prompts:
         pred.run_s, pred.mean_latency_s = simulate_run(shape, hw, prompts, max_new_tokens, seqs, hs,
                                                        pipelined=pipe, resident=resident, streaming_slots=streaming,
-                                                       prefill_per_step=batch_size)
+                                                       prefill_per_step=batch_size, engine=engine)
         pred.run_tokens_per_s = len(prompts) * max_new_tokens / pred.run_s
     return pred
 
 
 def simulate_run(shape: ModelShape, hw: Hardware, prompts: list[int], max_new_tokens: int, in_flight: int,
                  hot: set, *, pipelined: bool, resident: bool = False, streaming_slots: int | None = None,
-                 prefill_per_step: int = 1) -> tuple[float, float]:
+                 prefill_per_step: int = 1, engine: bool = True) -> tuple[float, float]:
     """(total seconds, mean per-prompt latency) following the engine's scheduler step by step, with
     `in_flight` sequences at once and at most `prefill_per_step` prompt chunks per step."""
     queue = deque(range(len(prompts)))
@@ -229,7 +276,7 @@ def simulate_run(shape: ModelShape, hw: Hardware, prompts: list[int], max_new_to
                 tokens += 1
                 stepping.append((s, True))
         t, *_ = layer_times(shape, hw, tokens, hot, pipelined=pipelined, all_resident=resident and not first,
-                            streaming_slots=streaming_slots)
+                            streaming_slots=streaming_slots, engine_seqs=len(stepping) if engine else None)
         first = False
         now += t + len(stepping) * hw.head_token_s
         for s, emits in stepping:
@@ -309,23 +356,20 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_link(pack, device: torch.device, *, experts: int = 8, repeats: int = 3) -> float:
-    """GB/s of expert blobs moved from the mapped pack into a slot as the streamer does it (CPU: one copy
-    from the mapped pages, which are then dropped; CUDA: pinned staging + host-to-device copy)."""
+def measure_link(pack, device: torch.device, *, experts: int = 32, repeats: int = 3) -> float:
+    """GB/s of expert blobs moved from the mapped pack into a slot by the runtime's streamer (CPU: one copy
+    from the mapped pages, which are then dropped; CUDA: pinned staging + host-to-device copy), cycling
+    through up to `experts` experts so that the pages are as cold as in a real run."""
+    from moepack.runtime.streamer import Streamer
+
     keys = list(pack.expert_records)[:: max(1, len(pack.expert_records) // experts)][:experts]
     nbytes = max(pack.expert_records[k].nbytes for k in keys)
+    streamer = Streamer(pack, device, nbytes, verify=False)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    stage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
     def once() -> None:
         for k in keys:
-            src = pack.expert_blob(*k)
-            if device.type == "cuda":
-                stage[: src.numel()].copy_(src)
-                dst[: src.numel()].copy_(stage[: src.numel()], non_blocking=True)
-            else:
-                dst[: src.numel()].copy_(src)
-            pack.release(*k)
+            streamer.load(k, dst[: pack.expert_records[k].nbytes])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -335,7 +379,7 @@ def measure_link(pack, device: torch.device, *, experts: int = 8, repeats: int =
 
 
 def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float | None = None,
-                     mem_gbps: float | None = None, repeats: int = 5) -> Hardware:
+                     mem_gbps: float | None = None, repeats: int = 9) -> Hardware:
     """Measure (or take) the hardware numbers for a loaded MoePackModel `pm`."""
     from moepack.runtime.executor import expert_ffn
 
@@ -350,6 +394,8 @@ def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float
         link_gbps = measure_link(pack, dev)
         sources.append("link measured")
     h, i = spec.hidden_size, spec.moe_intermediate_size
+    expert_curve: tuple = ()
+    dense_curve: tuple = ()
     if device_tflops is not None:
         flops = device_tflops * 1e12
         token = 6 * h * i / flops
@@ -366,10 +412,62 @@ def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float
         token = max(0.0, (t8 - t1) / 7)
         fixed = max(0.0, t1 - token)
         dense_fixed, dense_token, head_token = _measure_dense(pm, repeats)
+        expert_curve = _measure_expert_curve(pm, repeats)
+        dense_curve = _measure_dense_curve(pm, repeats, head_token)
         sources.append("compute measured")
     overlap = 1.0 if dev.type == "cuda" else _measure_overlap(pm, projs, backend)
     return Hardware(link_gbps=link_gbps, expert_fixed_s=fixed, expert_token_s=token, dense_token_s=dense_token,
-                    head_token_s=head_token, overlap=overlap, dense_fixed_s=dense_fixed, source=", ".join(sources))
+                    head_token_s=head_token, overlap=overlap, dense_fixed_s=dense_fixed, source=", ".join(sources),
+                    expert_curve=expert_curve, dense_curve=dense_curve)
+
+
+ENGINE_SEQS = (1, 4, 16, 32)
+
+
+def calibrate_engine(pm, shape: ModelShape, hw: Hardware, *, seqs: tuple[int, ...] = ENGINE_SEQS,
+                     new_tokens: int = 6, prompt_tokens: int = 4, streaming_seqs: int = 8) -> Hardware:
+    """Hardware fitted to short runs of the multi-batch engine (docs/planning.md, "Calibration"):
+
+    * `engine_scale`: with every expert resident in `pm`'s cache (only compute counts), measured / modelled
+      run time for each number of sequences in `seqs`;
+    * `overlap`: with a small cache (an eighth of the experts) and `streaming_seqs` sequences, the overlap
+      whose predicted run time matches the measured one (a copy thread beside compute contends for memory
+      and cores in ways the microbenchmark behind `measure_hardware`'s overlap does not see).
+    Every other configuration the planner predicts is out of sample."""
+    from dataclasses import replace
+
+    from moepack.runtime.throughput import generate_many, load_for_throughput
+
+    cache = pm.executor.cache
+    if cache is None or cache.slots < shape.total_experts:
+        return replace(hw, source=hw.source + ", engine uncalibrated (needs every expert resident)")
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n: int) -> list[list[int]]:
+        return [torch.randint(0, pm.spec.vocab_size, (prompt_tokens,), generator=g).tolist() for _ in range(n)]
+
+    def timed(model, batch: list[list[int]]) -> float:
+        generate_many(model, batch[:1], batches=1, max_new_tokens=2, prefetch=False, stop_at_eos=False)  # warm
+        t0 = time.perf_counter()
+        generate_many(model, batch, batches=len(batch), max_new_tokens=new_tokens, prefetch=False,
+                      stop_at_eos=False)
+        return time.perf_counter() - t0
+
+    def modelled(h: Hardware, n: int, slots: int) -> float:
+        return predict(shape, h, batches=n, slots=slots, prompts=[prompt_tokens] * n,
+                       max_new_tokens=new_tokens).run_s
+
+    scale = tuple((n, float(timed(pm, prompts(n)) / modelled(hw, n, shape.total_experts))) for n in seqs)
+    hw = replace(hw, engine_scale=scale)
+    slots = max(2 * shape.top_k, shape.total_experts // 8)
+    small = load_for_throughput(pm.pack.path, vram=None, batches=1, slots=slots, context=pm.context,
+                                device=str(pm.model.device), dtype=pm.model.dtype)
+    measured = timed(small, prompts(streaming_seqs))
+    lo, hi = 0.0, 1.0  # the predicted time falls as overlap rises: bisect for the measured one
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if modelled(replace(hw, overlap=mid), streaming_seqs, slots) > measured else (lo, mid)
+    return replace(hw, overlap=(lo + hi) / 2, source=hw.source + ", engine calibrated")
 
 
 class _ZeroExperts:
@@ -402,6 +500,57 @@ def _measure_dense(pm, repeats: int) -> tuple[float, float, float]:
     token = max(0.0, (t8 - t1) / 7 - head) / layers
     fixed = max(0.0, t1 - head) / layers - token
     return max(0.0, fixed), token, head
+
+
+CURVE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _measure_expert_curve(pm, repeats: int, points: tuple[int, ...] = CURVE_TOKENS) -> tuple:
+    """((n, seconds of one expert call with n tokens), ...) through the runtime's executor (routing, kernels,
+    gathering and summing included): n tokens routed to k experts of every sparse layer in turn, a different
+    k each round, so the weights come from memory as in a real decode rather than from a warm cache."""
+    spec, dev, ex = pm.spec, pm.model.device, pm.executor
+    layers, k, e = list(spec.sparse_layer_ids), spec.top_k, spec.num_experts
+    out = []
+    for n in points:
+        x = torch.randn(n, spec.hidden_size, device=dev, dtype=pm.model.dtype)
+        w = torch.full((n, k), 1.0 / k, device=dev, dtype=pm.model.dtype)
+        routes = [torch.tensor([(r * k + j) % e for j in range(k)], device=dev).expand(n, k).contiguous()
+                  for r in range(max(1, e // k))]
+
+        def sweep(x=x, w=w, routes=routes) -> None:
+            for i, layer in enumerate(layers):
+                ex.forward(layer, x, routes[i % len(routes)], w)
+
+        sweep()  # warm (and resident, under a budget)
+        out.append((n, _median(sweep, repeats) / (len(layers) * k)))
+        routes.append(routes.pop(0))
+    ex.reset_counters()
+    return tuple(out)
+
+
+def _measure_dense_curve(pm, repeats: int, head_s: float, points: tuple[int, ...] = CURVE_TOKENS) -> tuple:
+    """((n, seconds of one layer's dense parts for n new tokens), ...): a forward with the experts stubbed out,
+    the last position's head taken off, divided by the layers."""
+    model = pm.model
+    saved = model.executor
+    model.executor = _ZeroExperts()
+    out = []
+    try:
+        cache = model.new_cache(capacity=64 + max(points))
+        model.forward(torch.arange(2, 34) % model.spec.vocab_size, cache)
+        for n in points:
+            ids = torch.arange(3, 3 + n) % model.spec.vocab_size
+
+            def step(ids=ids) -> None:
+                model.forward(ids, cache, last_only=True)
+                cache.crop(32)
+
+            step()
+            out.append((n, max(0.0, _median(step, repeats) - head_s) / model.spec.num_layers))
+    finally:
+        model.executor = saved
+    return tuple(out)
 
 
 def _measure_overlap(pm, projs, backend, seconds: float = 0.3) -> float:
