@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,4", help="sequences per batch; each size runs every --batches")
     ap.add_argument("--budgets", default="0.10,0.25")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", help="compute dtype of every row (float32 or bfloat16)")
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every row (float32 or bfloat16)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
           f"slots as a share of all experts. Stall = time compute waited for expert loads / wall time.\n\n"
           f"Measured hardware for the planner: link {hw.link_gbps:.2f} GB/s, expert call "
           f"{hw.expert_fixed_s * 1e3:.2f} ms + {hw.expert_token_s * 1e3:.3f} ms/token, dense "
-          f"{hw.dense_token_s * 1e3:.3f} ms/token/layer, head {hw.head_token_s * 1e3:.3f} ms/token, overlap "
-          f"{hw.overlap:.0%}; routing from a 2-prompt trace; next-layer prefetch "
+          f"{hw.dense_token_s * 1e3:.3f} ms/token/layer, head {hw.head_token_s * 1e3:.3f} ms/token (linear fits; the "
+          f"planner uses the measured curves), overlap {hw.overlap:.0%} and engine compute factors "
+          f"{', '.join(f'{f:.2f} at {n}' for n, f in hw.engine_scale)} (sequences in flight) from its calibration "
+          f"runs (docs/planning.md); routing from a 2-prompt trace; next-layer prefetch "
           f"{'on' if prefetch else 'off (no measured overlap: copies would compete with compute)'}.\n\n"
           + markdown_table(["budget (slots)", "mode", "tokens/s", "vs one at a time", "mean latency s",
                             "expert loads", "stall", "planner tokens/s", "planner error"], rows)

@@ -37,6 +37,15 @@ def test_compress_inspect_run_json(baby, tmp_path):
         assert field in data, field
     res = runner.invoke(app, ["run", str(out), "--prompt", "Now", "-n", "3", "--stats"])
     assert res.exit_code == 0 and "cache hit rate" in res.output
+    res = runner.invoke(app, ["run", str(out), "--prompt", "Now is the winter", "-n", "4", "--json", "--vram", "64MB",
+                              "--context", "64", "--dtype", "bfloat16", "--cache-policy", "reuse", "--prefetch", "fate",
+                              "--prefetch-min-prob", "0", "--adaptive-k", "0.9", "--fallback", "0.8"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["prefetch"] == "fate"
+    res = runner.invoke(app, ["run", str(out), "--prompt", "x", "--dtype", "int3"])
+    assert res.exit_code == 2 and "unknown compute dtype" in res.output
+    res = runner.invoke(app, ["run", str(out), "--prompt", "x", "--adaptive-k", "0.9", "--fallback", "2"])
+    assert res.exit_code == 2 and "fallback" in res.output
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
