@@ -27,7 +27,6 @@ _TILE_ELEMS = 1 << 21  # elements per dequantised block (8 MiB in fp32)
 
 
 PASSTHROUGH_DTYPES = {"cpu": frozenset({"bf16", "fp16"}), "cuda": frozenset()}  # fused passthrough kernels
-_VALUES_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def supports(recipe: Recipe, device_type: str = "cpu") -> bool:

@@ -8,7 +8,8 @@ a low-rank residual (`lr_u` [rows, R], `lr_v` [R, cols]) is then added in torch 
 x @ V.T @ U[rows].T or h @ U[rows] @ V, whatever the backend. Passthrough recipes run the compiled kernels
 where a backend serves their dtype (bf16/fp16 on CPP: widened on the fly, never upcast whole); otherwise
 (fp32, or a backend without them) they are a plain torch matmul on any backend, since there is nothing to
-decode. Arithmetic is float32; the result has x's dtype.
+decode. Arithmetic is float32, except that on the CPP backend a bfloat16 input multiplies blocks of more
+than FUSED_MAX_T tokens in bf16 with float32 accumulation (kernels/compiled.py); the result has x's dtype.
 
 Backend.AUTO picks CUDA for CUDA tensors and CPP on the CPU when the recipe is supported and the
 extension builds, else TORCH (the reference, which always works). An explicitly requested backend

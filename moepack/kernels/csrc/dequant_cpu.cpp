@@ -335,27 +335,18 @@ inline void store_bf16(uint16_t* p, V8 a) {
 }
 #endif
 
-template <class M>
-void dequant_rows(const M& m, const int64_t* rows, int64_t n, float* out) {
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float* o = out + i * m.cols;
-      m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) v_store(o + col + 8 * j, w[j]);
-      });
-    }
-  });
-}
+inline void store_out(float* p, V8 a) { v_store(p, a); }
+inline void store_out(uint16_t* p, V8 a) { store_bf16(p, a); }
 
-template <class M>
-void dequant_rows_bf16(const M& m, const int64_t* rows, int64_t n, uint16_t* out) {
+// W[rows] decoded into `out` [n, cols]: float (exact) or uint16_t (bf16, rounded to nearest even).
+template <class M, class Out>
+void dequant_rows(const M& m, const int64_t* rows, int64_t n, Out* out) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      uint16_t* o = out + i * m.cols;
+      Out* o = out + i * m.cols;
       m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) store_bf16(o + col + 8 * j, w[j]);
+        for (int j = 0; j < 4; ++j) store_out(o + col + 8 * j, w[j]);
       });
     }
   });
@@ -494,7 +485,7 @@ at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::
     out = at::empty({n, cols}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
     if (n == 0) return;
     if (bf16)
-      dequant_rows_bf16(m, r, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
+      dequant_rows(m, r, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
     else
       dequant_rows(m, r, n, out.data_ptr<float>());
   });
