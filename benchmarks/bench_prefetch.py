@@ -92,16 +92,11 @@ def toy_pack() -> tuple[str, Path, Path] | None:
 
 
 def load(path: Path, slots: int | None, **kw) -> MoePackModel:
-    kw = dict(kw)
-    min_prob = kw.pop("prefetch_min_prob", None)
+    """The pack with no budget (`slots` None) or with exactly `slots` expert slots."""
     if slots is None:
-        model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw)
-    else:
-        probe = MoePackModel.load(path, device="cpu", vram="1TB", context=CONTEXT)
-        model = MoePackModel.load(path, device="cpu", context=CONTEXT, **kw, vram=probe.budget.vram_for(slots))
-    if min_prob is not None:
-        model.executor.prefetch_min_prob = min_prob
-    return model
+        return MoePackModel.load(path, device="cpu", context=CONTEXT, **kw)
+    probe = MoePackModel.load(path, device="cpu", vram="1TB", context=CONTEXT)
+    return MoePackModel.load(path, device="cpu", context=CONTEXT, **kw, vram=probe.budget.vram_for(slots))
 
 
 @torch.inference_mode()

@@ -1,14 +1,15 @@
 """Throughput mode against one prompt at a time, and the planner's predictions against the measurements.
 
     python -m benchmarks.bench_throughput [--prompts 32] [--new 24] [--batches 1,2,4,8] [--batch-sizes 1,4]
-                                          [--budgets 0.10,0.25]
+                                          [--budgets 0.10,0.25] [--dtype bfloat16|float32]
 
 A generated Mixtral-layout model (hidden 1024, intermediate 2816, 8 layers, 8 experts top-2, vocab 2048,
 q4g128; built once and kept under $MOEPACK_HOME/bench) runs the same prompts (random ids, 8..40 tokens)
 one at a time through `MoePackModel.generate` and through `generate_many` with 1, 2, 4, 8 batches of 1 and
-of 4 sequences, at expert budgets of 10% and 25% of the experts (cache slots). Reports generated tokens/s across all prompts,
-mean per-prompt latency, expert loads, the stall fraction from the runtime's own timers, and the planner's
-prediction for each row from measured hardware numbers and a collected routing trace. Torch runs one
+of 4 sequences, at expert budgets of 10% and 25% of the experts (cache slots), every row in one compute
+dtype (bfloat16 by default). Reports generated tokens/s across all prompts, mean per-prompt latency, expert
+loads, the stall fraction from the runtime's own timers, and the planner's prediction for each row from
+measured and calibrated hardware numbers and a collected routing trace. Torch runs one
 compute thread (the machine's cores are shared; the loader thread takes the other core).
 Writes the "throughput" section of docs/benchmarks.md."""
 

@@ -22,7 +22,7 @@ from moepack.runtime.belady import belady
 from moepack.runtime.budget import BudgetPlan, plan_budget
 from moepack.runtime.cache import ExpertCache, make_policy
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB, StreamingExecutor
-from moepack.runtime.model import KVCache, MoeModel, storage_dtype
+from moepack.runtime.model import KVCache, MoeModel, storage_dtype, widens_on
 from moepack.runtime.prefetch import FatePrefetcher, parse_prefetch
 from moepack.runtime.sampling import TextStream, sample
 from moepack.runtime.stats import RunStats, peak_device_bytes, peak_rss_bytes
@@ -89,7 +89,9 @@ class MoePackModel:
         (on the CPU it bounds the same in RAM); None keeps every expert available.
 
         Each technique is switchable alone: `cache_policy` lru|lfu|fate (per-layer quotas favouring shallow
-        layers)|reuse (evicts the expert whose next use is expected farthest away); `prefetch` none|fate (next-layer prediction; `prefetch_width` experts per token, default top-k);
+        layers)|reuse (evicts the expert whose next use is expected farthest away); `prefetch` none|fate
+        (next-layer prediction; `prefetch_width` experts per token, default top-k; a prediction is loaded only
+        if its measured hit rate is at least `prefetch_min_prob`);
         `adaptive_k` off or a threshold in (0, 1] (big-little: a token whose little half of top-k carries that
         share of its router weight runs only the little half; `fallback` off or a lower threshold: a token whose
         little half carries at least that share also runs only it when a big expert is not resident, True: every
@@ -112,8 +114,8 @@ class MoePackModel:
         budget = None
         cache = streamer = None
         if vram is not None or dev.type == "cuda":
-            dense_bytes = sum(t.numel() * storage_dtype(t.dtype, tuple(t.shape), dtype, dev, kernel).itemsize
-                              for t in dense.values())
+            widen = widens_on(dev, dtype, kernel)
+            dense_bytes = sum(t.numel() * storage_dtype(t.dtype, t.dim(), dtype, widen).itemsize for t in dense.values())
             slot_bytes = max(e.nbytes for e in pack.manifest.experts)
             budget = plan_budget(
                 None if vram is None else parse_size(vram), dense_bytes=dense_bytes,

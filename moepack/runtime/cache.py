@@ -60,8 +60,7 @@ class LRU(Policy):
     def touch(self, key: Key) -> None:
         self.order.move_to_end(key)
 
-    def refresh(self, key: Key) -> None:
-        self.order.move_to_end(key)
+    refresh = touch  # a predicted use keeps a key as fresh as a real one
 
     def insert(self, key: Key, low: bool = False) -> None:
         """`low`: a prefetched key enters as the next victim, so a wrong prediction displaces only another."""

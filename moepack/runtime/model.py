@@ -135,13 +135,10 @@ def widens_on(device: torch.device, dtype: torch.dtype, backend: Backend | str =
             and resolve_backend(backend, "bf16", device) is Backend.CPP)
 
 
-def storage_dtype(stored: torch.dtype, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                  backend: Backend | str = Backend.AUTO) -> torch.dtype:
+def storage_dtype(stored: torch.dtype, ndim: int, dtype: torch.dtype, widen: bool) -> torch.dtype:
     """The dtype a dense tensor is held in: a 16-bit matrix stays 16-bit where a kernel widens it on the fly
-    (`widens_on`), everything else is converted to the compute dtype."""
-    if len(shape) == 2 and stored in _WIDE and widens_on(device, dtype, backend):
-        return stored
-    return dtype
+    (`widen`, from `widens_on`), everything else is converted to the compute dtype."""
+    return stored if widen and ndim == 2 and stored in _WIDE else dtype
 
 
 RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -165,7 +162,7 @@ class MoeModel:
         self.w: dict[str, torch.Tensor] = {}
         for name in self.names.dense_tensor_names():
             t = tensors[name]
-            keep = t.dtype if self.widen and t.dim() == 2 and t.dtype in _WIDE else dtype
+            keep = storage_dtype(t.dtype, t.dim(), dtype, self.widen)
             self.w[name] = t.to(device=self.device, dtype=keep).contiguous()
         g = self.names.global_tensor_names()
         self.embed = self.w[g["embed"]]

@@ -28,6 +28,7 @@ Light on purpose: numpy and torch only (measurement), no scipy."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import threading
@@ -124,7 +125,7 @@ class ModelShape:
                   device: torch.device | str = "cpu") -> ModelShape:
         from moepack.format.constants import DTYPES
         from moepack.runtime.api import workspace_bytes
-        from moepack.runtime.model import KVCache, storage_dtype
+        from moepack.runtime.model import KVCache, storage_dtype, widens_on
         from moepack.runtime.routing_trace import manifest_trace
 
         spec = pack.spec
@@ -136,8 +137,8 @@ class ModelShape:
             probs = tuple(tuple(float(v) for v in trace.token_probs(layer)) for layer in trace.layers)
         else:
             src = "uniform"
-        dense = sum(math.prod(t.shape) * storage_dtype(DTYPES[t.dtype], tuple(t.shape), dtype,
-                                                       torch.device(device)).itemsize
+        widen = widens_on(torch.device(device), dtype)
+        dense = sum(math.prod(t.shape) * storage_dtype(DTYPES[t.dtype], len(t.shape), dtype, widen).itemsize
                     for t in pack.manifest.tensors)  # as MoeModel holds them
         return cls(name=pack.path.name, num_layers=spec.num_layers, sparse_layers=len(spec.sparse_layer_ids),
                    num_experts=spec.num_experts, top_k=spec.top_k, hidden=spec.hidden_size,
@@ -381,8 +382,6 @@ def measure_link(pack, device: torch.device, *, experts: int = 32, repeats: int 
 def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float | None = None,
                      mem_gbps: float | None = None, repeats: int = 9) -> Hardware:
     """Measure (or take) the hardware numbers for a loaded MoePackModel `pm`."""
-    from moepack.runtime.executor import expert_ffn
-
     model, pack, spec = pm.model, pm.pack, pm.spec
     dev = model.device
     key = next(iter(pack.expert_records))
@@ -405,15 +404,11 @@ def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float
         dense_fixed = 0.0
         sources.append("compute from --device-tflops")
     else:
-        x1, x8 = torch.randn(1, h, device=dev), torch.randn(8, h, device=dev)
-        expert_ffn(x8, projs, backend)
-        t1 = _median(lambda: expert_ffn(x1, projs, backend), repeats)
-        t8 = _median(lambda: expert_ffn(x8, projs, backend), repeats)
-        token = max(0.0, (t8 - t1) / 7)
-        fixed = max(0.0, t1 - token)
-        dense_fixed, dense_token, head_token = _measure_dense(pm, repeats)
         expert_curve = _measure_expert_curve(pm, repeats)
+        head_token = _measure_head(pm, repeats)
         dense_curve = _measure_dense_curve(pm, repeats, head_token)
+        fixed, token = _linear_fit(expert_curve)  # the 1- and 8-token points, for displays and on-paper use
+        dense_fixed, dense_token = _linear_fit(dense_curve)
         sources.append("compute measured")
     overlap = 1.0 if dev.type == "cuda" else _measure_overlap(pm, projs, backend)
     return Hardware(link_gbps=link_gbps, expert_fixed_s=fixed, expert_token_s=token, dense_token_s=dense_token,
@@ -475,31 +470,28 @@ class _ZeroExperts:
         return torch.zeros_like(x)
 
 
-def _measure_dense(pm, repeats: int) -> tuple[float, float, float]:
-    """(dense seconds per layer per step, per token per layer, head seconds per token) from decoding 1 and 8
-    tokens with the experts stubbed out."""
-    model = pm.model
-    saved = model.executor
-    model.executor = _ZeroExperts()
+@contextlib.contextmanager
+def _experts_stubbed(model):
+    """The model with its experts replaced by zeros: what is left is the dense parts."""
+    saved, model.executor = model.executor, _ZeroExperts()
     try:
-        cache = model.new_cache(capacity=64)
-        model.forward(torch.arange(2, 34) % model.spec.vocab_size, cache)
-
-        def step(t: int) -> None:
-            model.forward(torch.arange(3, 3 + t) % model.spec.vocab_size, cache)
-            cache.crop(32)
-
-        step(8)
-        t1 = _median(lambda: step(1), repeats)
-        t8 = _median(lambda: step(8), repeats)
-        h = torch.randn(1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
-        head = _median(lambda: int(model.linear(h, model.lm_head).argmax()), repeats)
+        yield model
     finally:
         model.executor = saved
-    layers = model.spec.num_layers
-    token = max(0.0, (t8 - t1) / 7 - head) / layers
-    fixed = max(0.0, t1 - head) / layers - token
-    return max(0.0, fixed), token, head
+
+
+def _measure_head(pm, repeats: int) -> float:
+    """Seconds of one token's lm_head product and argmax."""
+    model = pm.model
+    h = torch.randn(1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
+    return _median(lambda: int(model.linear(h, model.lm_head).argmax()), repeats)
+
+
+def _linear_fit(curve: tuple[tuple[int, float], ...]) -> tuple[float, float]:
+    """(fixed, per token) through a curve's 1- and 8-token points."""
+    at = dict(curve)
+    token = max(0.0, (at[8] - at[1]) / 7)
+    return max(0.0, at[1] - token), token
 
 
 CURVE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -507,8 +499,8 @@ CURVE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 def _measure_expert_curve(pm, repeats: int, points: tuple[int, ...] = CURVE_TOKENS) -> tuple:
     """((n, seconds of one expert call with n tokens), ...) through the runtime's executor (routing, kernels,
-    gathering and summing included): n tokens routed to k experts of every sparse layer in turn, a different
-    k each round, so the weights come from memory as in a real decode rather than from a warm cache."""
+    gathering and summing included): n tokens routed to k experts of every sparse layer in turn, other
+    experts in each layer, so the weights come from memory as in a real decode rather than from a warm cache."""
     spec, dev, ex = pm.spec, pm.model.device, pm.executor
     layers, k, e = list(spec.sparse_layer_ids), spec.top_k, spec.num_experts
     out = []
@@ -524,7 +516,6 @@ def _measure_expert_curve(pm, repeats: int, points: tuple[int, ...] = CURVE_TOKE
 
         sweep()  # warm (and resident, under a budget)
         out.append((n, _median(sweep, repeats) / (len(layers) * k)))
-        routes.append(routes.pop(0))
     ex.reset_counters()
     return tuple(out)
 
@@ -532,11 +523,8 @@ def _measure_expert_curve(pm, repeats: int, points: tuple[int, ...] = CURVE_TOKE
 def _measure_dense_curve(pm, repeats: int, head_s: float, points: tuple[int, ...] = CURVE_TOKENS) -> tuple:
     """((n, seconds of one layer's dense parts for n new tokens), ...): a forward with the experts stubbed out,
     the last position's head taken off, divided by the layers."""
-    model = pm.model
-    saved = model.executor
-    model.executor = _ZeroExperts()
     out = []
-    try:
+    with _experts_stubbed(pm.model) as model:
         cache = model.new_cache(capacity=64 + max(points))
         model.forward(torch.arange(2, 34) % model.spec.vocab_size, cache)
         for n in points:
@@ -548,8 +536,6 @@ def _measure_dense_curve(pm, repeats: int, head_s: float, points: tuple[int, ...
 
             step()
             out.append((n, max(0.0, _median(step, repeats) - head_s) / model.spec.num_layers))
-    finally:
-        model.executor = saved
     return tuple(out)
 
 
