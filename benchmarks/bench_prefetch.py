@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.report import markdown_table, update_section
+from moepack.runtime.adaptive import AdaptiveCalibration
 from moepack.runtime.api import MoePackModel
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB
 
@@ -36,9 +38,10 @@ ADAPTIVE_K, SPARSE_KEEP = 0.9, 0.8  # defaults of --adaptive-k / --keep, chosen 
 
 
 def configs(k: float, keep: float, fallback: float) -> dict[str, dict]:
-    """Every technique alone, then all together (`all`), with big-little threshold `k`, FloE keep fraction
-    `keep` and big-little fallback threshold `fallback`."""
-    every = dict(cache_policy="reuse", prefetch="fate", adaptive_k=k, fallback=fallback, sparse_channels=keep,
+    """Every technique alone, then all together (`all`: the `auto` thresholds the pack's profile gives), and
+    all together with one fixed big-little threshold `k`, FloE keep fraction `keep` and fallback threshold
+    `fallback` for every model."""
+    every = dict(cache_policy="reuse", prefetch="fate", adaptive_k="auto", fallback="auto", sparse_channels="auto",
                  partial_loads=True)
     return {
         "LRU on demand (baseline)": dict(),
@@ -49,12 +52,14 @@ def configs(k: float, keep: float, fallback: float) -> dict[str, dict]:
         "Fate prefetch, ungated": dict(prefetch="fate", prefetch_min_prob=0.0),
         f"big-little {k}, fallback {fallback}": dict(adaptive_k=k, fallback=fallback),
         f"big-little {k}, no fallback": dict(adaptive_k=k, fallback=False),
-        f"big-little {k}, fallback for every token": dict(adaptive_k=k, fallback=True),
+        "big-little auto, fallback auto": dict(adaptive_k="auto", fallback="auto"),
         f"FloE keep {keep}": dict(sparse_channels=keep),
         f"FloE keep {keep} + partial loads": dict(sparse_channels=keep, partial_loads=True),
+        "FloE auto + partial loads": dict(sparse_channels="auto", partial_loads=True),
         "all": every,
         "all but prefetch": {key: v for key, v in every.items() if key != "prefetch"},
-        "all, Fate quotas instead of reuse": dict(every, cache_policy="fate"),
+        f"all, fixed thresholds ({k} / {fallback} / keep {keep})": dict(every, adaptive_k=k, fallback=fallback,
+                                                                        sparse_channels=keep),
     }
 
 
@@ -63,16 +68,28 @@ SWEEP_KEEP = (0.3, 0.5, 0.7, 0.8, 0.9)
 SWEEP_FALLBACK = (0.95, 0.9, 0.8, 0.7, True)  # True: every token may fall back (MoBiLE's rule)
 
 
+def calibration_file() -> Path:
+    """The embedded calibration text as a file: packs are compressed with it, so `auto` has its statistics
+    (never the evaluation text)."""
+    from moepack.profile import default_calibration_text
+
+    path = CACHE / "bench" / "calib.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(default_calibration_text())
+    return path
+
+
 def random_pack() -> tuple[str, Path, None]:
     name = "prefetch-random-h512-i1024-l8-e16-q4g32"
-    out = CACHE / "bench" / f"{name}.moepack"
+    out = CACHE / "bench" / f"{name}-cal.moepack"
     if not out.exists():
         from moepack.compress import compress
         from moepack.testing.checkpoints import make_random_checkpoint
 
         src = make_random_checkpoint(CACHE / "bench" / name, hidden=512, intermediate=1024, layers=8, experts=16,
                                      top_k=2, vocab=512)
-        compress(str(src), out, recipe="q4g32")
+        compress(str(src), out, recipe="q4g32", calib=calibration_file())
     return "random 8 layers x 16 experts top-2, H 512, I 1024, q4g32", out, None
 
 
@@ -83,11 +100,11 @@ def toy_pack() -> tuple[str, Path, Path] | None:
     src = toy_model_dir(resolve_recipe("small"))
     if read_meta(src) is None:
         return None
-    out = CACHE / "bench" / f"prefetch-toy-{src.name}-q4g32.moepack"
+    out = CACHE / "bench" / f"prefetch-toy-{src.name}-q4g32-cal.moepack"
     if not out.exists():
         from moepack.compress import compress
 
-        compress(str(src), out, recipe="q4g32")
+        compress(str(src), out, recipe="q4g32", calib=calibration_file())
     return f"toy trained model {src.name} (4 layers x 8 experts top-2, H 128, I 256), q4g32", out, src
 
 
@@ -137,9 +154,12 @@ def sweep(path: Path, text: list[int], ppl0: float, ref: torch.Tensor, slots: in
 
     for k in SWEEP_K:
         row(f"big-little {k}", "{little} of tokens run half of top-k", load(path, None, adaptive_k=k))
+    row("big-little auto", "{little} of tokens run half of top-k", load(path, None, adaptive_k="auto"))
     for keep in SWEEP_KEEP:
         row(f"FloE keep {keep}", f"{keep:.0%} of gate/down channels", load(path, None, sparse_channels=keep))
-    for fb in SWEEP_FALLBACK:
+    auto = load(path, None, sparse_channels="auto")
+    row("FloE auto", f"{statistics.mean(auto.executor.sparse_keep.values()):.0%} of gate/down channels", auto)
+    for fb in (*SWEEP_FALLBACK, "auto"):
         row(f"fallback {fb}, {slots} slots", "{fallback} of tokens fell back to top-1",
             load(path, slots, adaptive_k=1.0, fallback=fb))
     return ("Trade-off of each approximation alone (perplexity change and mean KL(exact || approximate) per token "
@@ -173,7 +193,7 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             s = model.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False).stats
             ppl, kl, _ = evaluate(load(path, slots, **kw), text, ref)
             if bound is None:
-                bound = s.belady_bytes_per_token
+                bound, static = s.belady_bytes_per_token, s.static_bytes_per_token
             pr = "-" if s.prefetch_precision is None else f"{s.prefetch_precision:.2f} / {s.prefetch_recall:.2f}"
             ratio = s.bytes_moved_per_token / bound if bound else float("nan")
             change = 100 * (ppl / ppl0 - 1)
@@ -184,14 +204,16 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             if name.startswith("all"):
                 aims.append(f"{frac:.0%}: {name} moves {ratio:.2f}x the Belady bound of the plain run "
                             f"({s.bytes_moved_per_token / 2**20:.3f} vs {bound / 2**20:.3f} MiB/token; "
-                            f"{'within' if ratio <= 1.5 else 'MISSES'} the 1.5x aim), perplexity {change:+.2f}%, "
-                            f"KL {kl:.5f}")
+                            f"{'within' if ratio <= 1.5 else 'MISSES'} the 1.5x aim; best static cache "
+                            f"{static / bound:.2f}x), perplexity {change:+.2f}%, KL {kl:.5f}")
             if "adaptive_k" in kw or "sparse_channels" in kw:
                 costs.append((frac, name, change))
             print(f"  {frac:.0%} {name}: {ratio:.2f}x Belady, ppl {change:+.2f}%, "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
         rows.append([f"{frac:.0%} ({slots} slots)", "Belady bound (plain trace)", "", f"{bound / 2**20:.3f}",
                      "1.00x", "", "", "", "", ""])
+        rows.append([f"{frac:.0%} ({slots} slots)", "best static cache, hindsight frequencies (plain trace)", "",
+                     f"{static / 2**20:.3f}", f"{static / bound:.2f}x", "", "", "", "", ""])
     head = ["budget", "technique", "hit rate", "MiB moved/token", "vs Belady", "own Belady MiB/token",
             "prefetch P / R", "decode tok/s", "perplexity change", "KL"]
     worst = {}
@@ -200,7 +222,15 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             worst[name] = (frac, change)
     cost_lines = [f"{name}: perplexity {change:+.2f}% at worst (at {frac:.0%}); "
                   f"{'under' if change < 2 else 'OVER'} the 2% aim" for name, (frac, change) in worst.items()]
-    body = (f"### {label}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.3f} MiB; "
+    auto_bl, auto_fb, auto_keep = AdaptiveCalibration.from_pack(exact.pack).auto()
+    tune = exact.pack.manifest.meta["adaptive"]
+    auto = (f"`auto` on this pack (tuned at compress time on the embedded calibration text, worst-case KL "
+            f"{', '.join(f'{kl:.4f} at {sc:g}' for sc, kl in tune['tune_kl'])}): scale {tune['scale']:g}, so "
+            f"FloE keeps {statistics.mean(auto_keep.values()):.0%} of channels on average (per expert "
+            f"{min(auto_keep.values()):.1f}..{max(auto_keep.values()):.1f}), big-little threshold "
+            f"{min(auto_bl.values()):.2f}..{max(auto_bl.values()):.2f}, fallback threshold "
+            f"{min(auto_fb.values()):.2f}..{max(auto_fb.values()):.2f} (per layer).")
+    body = (f"### {label}\n\n{auto}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.3f} MiB; "
             f"prompt {len(prompt)} tokens, {new_tokens} decoded (bytes, hit rates and prefetch figures are over "
             f"the decode); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
             f"configuration) per token on the same text.\n\n"
@@ -248,8 +278,14 @@ def main(argv: list[str] | None = None) -> None:
             f"with a share of at least {a.fallback} whose big expert is missing falls back to the little set), "
             f"FloE keeps {a.keep:.0%} of channels per token by "
             "|up(x)|; with partial loads a resident expert computes from its slot, a miss the policy admits is "
-            "cached whole and one it does not admit moves only up and the kept rows of gate/down. `all` = reuse "
-            "policy + gated Fate prefetch + big-little + FloE with partial loads.\n\n"
+            "cached whole and one it does not admit moves only up and the kept rows of gate/down. `auto`: per-layer "
+            "big-little and fallback thresholds and per-expert FloE keep fractions from the pack's profiled "
+            "statistics, their error targets scaled per model so that the worst case (every approximation at "
+            "once, every eligible token falling back) stays within 0.02 nats/token of KL on the calibration text "
+            "(moepack/profile/tune.py). `all` = reuse policy + gated Fate prefetch + big-little auto + fallback "
+            "auto + FloE auto with partial loads. `best static cache`: the most used experts of the plain run's "
+            "decode pinned (frequencies known in hindsight), every other access a miss: under routing that is "
+            "independent from token to token no online policy can expect fewer bytes.\n\n"
             + "\n".join(sections))
     print(body)
     if not a.no_write:

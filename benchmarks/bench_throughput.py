@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
           f"Measured hardware for the planner: link {hw.link_gbps:.2f} GB/s, expert call "
           f"{hw.expert_fixed_s * 1e3:.2f} ms + {hw.expert_token_s * 1e3:.3f} ms/token, dense "
           f"{hw.dense_token_s * 1e3:.3f} ms/token/layer, head {hw.head_token_s * 1e3:.3f} ms/token (linear fits; the "
-          f"planner uses the measured curves), overlap {hw.overlap:.0%} and engine compute factors "
-          f"{', '.join(f'{f:.2f} at {n}' for n, f in hw.engine_scale)} (sequences in flight) from its calibration "
-          f"runs (docs/planning.md); routing from a 2-prompt trace; next-layer prefetch "
+          f"planner uses the measured curves); from its calibration runs (docs/planning.md, medians of 3): overlap "
+          f"{', '.join(f'{o:.0%} at {n}' for n, o in hw.overlap_curve)}, engine compute factors "
+          f"{', '.join(f'{f:.2f} at {n}' for n, f in hw.engine_scale)} (sequences in flight), plain-runtime factor "
+          f"{hw.plain_scale:.2f}; routing from a 2-prompt trace; next-layer prefetch "
           f"{'on' if prefetch else 'off (no measured overlap: copies would compete with compute)'}.\n\n"
           + markdown_table(["budget (slots)", "mode", "tokens/s", "vs one at a time", "mean latency s",
                             "expert loads", "stall", "planner tokens/s", "planner error"], rows)

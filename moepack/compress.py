@@ -151,6 +151,7 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
         meta["error"], meta["encoder"] = WEIGHT_ERROR, "round-to-nearest (min/max) baseline"
     if profile is not None:
         meta["calibration"] = profile.summary()
+        meta["adaptive"] = profile.adaptive()  # for `auto` big-little / fallback / FloE settings at run time
     if alloc is not None:
         meta["plan"] = alloc.summary()
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from moepack.runtime.belady import belady, next_uses, simulate
+from moepack.runtime.belady import belady, next_uses, simulate, static_best
 from moepack.runtime.cache import ExpertCache, FateQuota, quotas_from_recall, shallow_quotas
 
 
@@ -100,6 +100,18 @@ def test_belady_textbook_sequence():
     assert belady(trace, 4).misses == 8
     res = belady(trace, 3, nbytes=lambda k: 10, start=10)
     assert res.accesses == 10 and res.bytes == 10 * res.misses
+
+
+def test_static_best_keeps_the_most_used_keys():
+    refs = [1, 2, 1, 3, 1, 2, 4, 1]  # counts: 1 x4, 2 x2, 3 x1, 4 x1
+    trace = [(0, r) for r in refs]
+    assert static_best(trace, 1).misses == 4 and static_best(trace, 2).misses == 2
+    res = static_best(trace, 1, nbytes=lambda k: 10, start=4)  # [1, 2, 4, 1]: keeps 1
+    assert res.accesses == 4 and res.misses == 2 and res.bytes == 20
+    rng = random.Random(0)
+    iid = [(0, min(int(rng.expovariate(0.3)), 15)) for _ in range(2000)]
+    misses = [static_best(iid, slots).misses for slots in (1, 2, 4, 8, 16)]
+    assert misses == sorted(misses, reverse=True) and misses[-1] == 0
 
 
 def test_next_uses():

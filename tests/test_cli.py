@@ -90,3 +90,25 @@ def test_peak_rss_is_this_process_not_a_parent():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del big
     assert 0 < child < 300 << 20
+
+
+def test_auto_adaptive_settings_from_a_calibrated_pack(baby, tmp_path):
+    from moepack.profile import default_calibration_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(default_calibration_text())
+    out = tmp_path / "cal.moepack"
+    res = runner.invoke(app, ["compress", str(baby("mixtral")), "-o", str(out), "--recipe", "q4g64",
+                              "--calib", str(calib), "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    rep = json.loads(res.output)
+    keeps = [e["auto_keep"] for e in rep["experts"]]
+    assert all(k is not None and 0 < k <= 1 for k in keeps) and rep["auto"]["scale"] >= 0
+    assert "FloE keep per expert" in runner.invoke(app, ["inspect", str(out)]).output
+    res = runner.invoke(app, ["run", str(out), "--prompt", "Now is the winter", "-n", "4", "--json", "--vram", "64MB",
+                              "--context", "64", "--adaptive-k", "auto", "--fallback", "auto",
+                              "--sparse-channels", "auto", "--partial-loads"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["static_bytes_per_token"] is not None and data["belady_bytes_per_token"] is not None

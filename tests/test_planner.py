@@ -52,6 +52,22 @@ def test_prediction_by_hand():
     assert predict(shape, HW, batches=2, slots=8).loads_per_step == 0
 
 
+def test_calibrated_overlap_curve_and_plain_scale():
+    shape = toy(num_layers=2, sparse_layers=2)
+    curve = Hardware(**{**HW.to_json(), "overlap": 0.9, "overlap_curve": ((1, 0.0), (8, 1.0))})
+    assert curve.overlap_at(1) == 0.0 and curve.overlap_at(8) == 1.0 and curve.overlap_at(64) == 1.0
+    assert curve.overlap_at(4) == pytest.approx(3 / 7) and curve.overlap_at(None) == 0.9
+    # one sequence in flight: the curve says nothing hides, so compute and transfer add up
+    one = predict(shape, curve, batches=1, slots=2)
+    assert one.step_s == pytest.approx(predict(shape, HW, batches=1, slots=2, pipelined=False).step_s)
+    # the plain runtime's factor scales its whole step but the head, and leaves the engine alone
+    plain = Hardware(**{**HW.to_json(), "plain_scale": 2.0})
+    base = predict(shape, HW, batches=1, slots=2, pipelined=False, engine=False)
+    scaled = predict(shape, plain, batches=1, slots=2, pipelined=False, engine=False)
+    assert scaled.step_s - 0.0005 == pytest.approx(2 * (base.step_s - 0.0005))
+    assert predict(shape, plain, batches=2, slots=2).step_s == pytest.approx(predict(shape, HW, batches=2, slots=2).step_s)
+
+
 def test_skewed_routing_needs_fewer_experts():
     skew = toy(probs=((0.9, 0.9, 0.1, 0.1),))
     assert predict(skew, HW, batches=2, slots=3).loads_per_step < predict(toy(), HW, batches=2, slots=3).loads_per_step
@@ -134,9 +150,18 @@ def test_plan_json_fields(baby, tmp_path):
     assert set(data["time_per_step"]) == {"compute_s", "transfer_s", "stall_s", "step_s"}
     assert data["hardware"]["link_gbps"] == 2.0 and data["model"]["probs_source"] == "trace"
     hw = data["hardware"]  # every expert fits 64MB: the engine was calibrated on short runs
-    assert "engine calibrated" in hw["source"] and 0.0 <= hw["overlap"] <= 1.0
+    assert "engine calibrated" in hw["source"] and 0.0 <= hw["overlap"] <= 1.0 and hw["plain_scale"] > 0
+    assert [n for n, _ in hw["overlap_curve"]] == [1, 8, 32] and all(0.0 <= o <= 1.0 for _, o in hw["overlap_curve"])
     assert len(hw["engine_scale"]) == 4 and all(f > 0 for _, f in hw["engine_scale"])
     assert len(hw["expert_curve"]) == len(hw["dense_curve"]) == 7
     assert data["slots"] >= 2 and data["batches"] in [c["batches"] for c in data["candidates"]]
     res = CliRunner().invoke(app, ["plan", str(out), "--vram", "1MB", "--link-gbps", "2", "--device-tflops", "1"])
     assert res.exit_code == 2 and "too small" in res.output or "fewer than" in res.output
+
+
+def test_measured_curves_are_lower_envelopes():
+    from moepack.runtime.planner import _lower_envelope
+
+    # a burst inflated the 8-token point: it falls to the 16-token time; order and other points unchanged
+    assert _lower_envelope([(1, 1.0), (2, 1.5), (8, 3.4), (16, 2.0), (32, 2.5)]) == (
+        (1, 1.0), (2, 1.5), (8, 2.0), (16, 2.0), (32, 2.5))

@@ -74,9 +74,17 @@ def test_profiling_holds_at_most_one_expert_and_reads_each_once(baby, monkeypatc
         return t
 
     monkeypatch.setattr(Checkpoint, "read", read)
-    profile(str(src), candidates=("q4g64",), max_tokens=512)
+    profile(str(src), candidates=("q4g64",), max_tokens=512, tune=False)
     assert sorted(reads) == sorted(layer_of)  # every expert tensor read exactly once
     assert peak["tensors"] <= len(PROJS)  # never more than one expert's three projections
+    # tuning the `auto` scale: one more forward per scale plus the exact one, one expert at a time throughout
+    from moepack.profile.tune import TUNE_SCALES
+
+    reads.clear()
+    peak["tensors"] = 0
+    prof = profile(str(src), candidates=("q4g64",), max_tokens=512)
+    assert len(reads) <= (2 + len(TUNE_SCALES)) * len(layer_of) and peak["tensors"] <= len(PROJS)
+    assert [s for s, _ in prof.tune_curve] == list(TUNE_SCALES) and prof.adaptive_scale in (0.0, *TUNE_SCALES)
 
 
 def test_errors_rank_recipes_and_importance_is_the_input_second_moment(baby):
@@ -153,3 +161,57 @@ def test_round_to_nearest_is_kept_where_it_gives_the_smaller_output_error(baby):
         assert (best[proj]["q3g64"] < plain[proj]["q3g64"]) == ("q3g64" in rtn.get(proj, set()))
         assert best[proj]["2:4+q4g64"] == plain[proj]["2:4+q4g64"] and best[proj]["fp16"] == plain[proj]["fp16"]
     assert set().union(*rtn.values()) <= {"q3g64"}
+
+
+def test_sparsity_errors_match_the_runtime_selection_on_fresh_inputs():
+    """The profiled FloE error at each keep is the error of the runtime's own sparse_ffn (channels of
+    largest |up| per token), and keeping every channel costs nothing."""
+    from moepack.kernels import Backend
+    from moepack.profile.profiler import sparsity_errors
+    from moepack.runtime.executor import expert_ffn, sparse_ffn
+
+    g = torch.Generator().manual_seed(7)
+    inter, hidden = 48, 16
+    w = {p: torch.randn(inter, hidden, generator=g) for p in ("gate", "up", "down")}
+    x = torch.randn(20, hidden, generator=g)
+    projs = {p: ({"values": t}, "fp32", (inter, hidden)) for p, t in w.items()}
+    y = expert_ffn(x, projs, Backend.TORCH)
+    grid = (0.25, 0.5, 0.75, 1.0)
+    errs = sparsity_errors(x, w, grid)
+    for keep, err in zip(grid, errs, strict=True):
+        ys = torch.cat([sparse_ffn(x[i:i + 1], projs, Backend.TORCH, keep)[0] for i in range(len(x))])
+        assert err == pytest.approx(float((y - ys).square().sum() / y.square().sum()), rel=1e-4, abs=1e-9)
+    assert errs[-1] == pytest.approx(0.0, abs=1e-10) and errs[0] > errs[1] > errs[2] > 0
+
+
+def test_drop_error_is_the_little_half_error_over_the_share_gap(baby):
+    """ProfilingExecutor's c: sum ||y_little - y||^2 / sum (1 - share)^2 ||y||^2, recomputed here from each
+    expert's output on every token, on a random layer input and random routing."""
+    import torch.nn.functional as F
+
+    from moepack.arch import adapter_for, spec_from_config
+    from moepack.compress import load_expert
+    from moepack.profile.profiler import ProfilingExecutor
+
+    src = baby("mixtral")
+    ckpt = Checkpoint(src)
+    spec = spec_from_config(ckpt.config)
+    adapter = adapter_for(spec)
+    ex = ProfilingExecutor(ckpt, adapter, spec, ("q4g64",), max_channels=None, try_rtn=False)
+    g = torch.Generator().manual_seed(3)
+    t, k, layer = 40, spec.top_k, spec.sparse_layer_ids[0]
+    x = torch.randn(t, spec.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=g).sort(1, descending=True).values
+    out = ex.forward(layer, x, ids, w)
+    ys = torch.stack([(F.silu(x @ e["gate"].float().T) * (x @ e["up"].float().T)) @ e["down"].float()
+                      for e in (load_expert(ckpt, adapter, layer, j) for j in range(spec.num_experts))])  # [E, T, H]
+    per = ys[ids, torch.arange(t)[:, None]]  # [T, k, H]
+    full = (w[..., None] * per).sum(1)
+    kl = max(1, k // 2)
+    share = w[:, :kl].sum(1) / w.sum(1)
+    little = (w[:, :kl, None] * per[:, :kl]).sum(1) / share[:, None]
+    assert torch.allclose(out, full, atol=1e-5)
+    c = float((little - full).square().sum() / ((1 - share).square() * full.square().sum(1)).sum())
+    assert ex.drop_error[layer] == pytest.approx(c, rel=1e-4)
+    assert len(ex.experts[(layer, 0)].sparsity) == 9

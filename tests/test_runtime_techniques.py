@@ -173,3 +173,56 @@ def test_partial_loads_move_fewer_bytes_with_the_same_numbers(pack, exact):
     assert g.stats.extra["partial_bytes_saved"] > 0 and g.stats.extra["partial_loads"] > 0
     per_miss = g.stats.bytes_moved / g.stats.cache_misses
     assert per_miss < max(e.nbytes for e in part.pack.manifest.experts)
+
+
+@pytest.fixture(scope="module")
+def calibrated(baby, tmp_path_factory):
+    """The same pack compressed with calibration: its meta carries what `auto` reads."""
+    from moepack.profile import default_calibration_text
+
+    d = tmp_path_factory.mktemp("rt-cal")
+    (d / "calib.txt").write_text(default_calibration_text())
+    return compress(str(baby("mixtral")), d / "cal.moepack", recipe="q4g32", calib=d / "calib.txt").path
+
+
+def test_auto_settings_come_from_the_profiled_statistics(calibrated, exact):
+    from moepack.runtime.adaptive import BIG_LITTLE_ERROR, FALLBACK_ERROR, SPARSE_ERROR, AdaptiveCalibration
+
+    ids, want, _ = exact
+    model = budgeted(calibrated, 3, adaptive_k="auto", fallback="auto", sparse_channels="auto", partial_loads=True)
+    cal = AdaptiveCalibration.from_pack(model.pack)
+    ex = model.executor
+    layers = list(model.spec.sparse_layer_ids)
+    assert sorted(ex.big_little) == sorted(ex.fallback) == layers
+    assert len(ex.sparse_keep) == len(model.pack.manifest.experts)
+    for key, keep in ex.sparse_keep.items():  # the smallest profiled keep within the target, else dense
+        errs = dict(zip(cal.keep_grid, cal.sparse_error[key], strict=True))
+        target = cal.scale * SPARSE_ERROR
+        assert keep == 1.0 or (errs[keep] <= target and all(e > target for k, e in errs.items() if k < keep))
+    assert cal.scale > 0  # tuned at compress time: the baby model absorbs some error
+    for layer in layers:  # c (1 - threshold)^2 = target, inside [0, 1]
+        c = cal.drop_error[layer]
+        for thr, target in ((ex.big_little[layer], cal.scale * BIG_LITTLE_ERROR),
+                            (ex.fallback[layer], cal.scale * FALLBACK_ERROR)):
+            assert thr in (0.0, 1.0) or c * (1 - thr) ** 2 == pytest.approx(target)
+        assert ex.fallback[layer] <= ex.big_little[layer]  # a fallback may cost more per token
+    got = model.logits(ids)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9
+
+
+def test_auto_needs_a_calibrated_pack_and_a_sane_one(pack, calibrated, tmp_path):
+    import json
+    import shutil
+
+    from moepack.errors import ManifestError, MoepackError
+
+    with pytest.raises(MoepackError, match="compressed with calibration"):
+        MoePackModel.load(pack, device="cpu", sparse_channels="auto")
+    bad = tmp_path / "bad.moepack"
+    shutil.copytree(calibrated, bad)
+    manifest = bad / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["meta"]["adaptive"]["drop_error"] = [[0, "many"]]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="meta.adaptive"):
+        MoePackModel.load(bad, device="cpu", adaptive_k="auto")

@@ -81,7 +81,9 @@ def print_plan(console: Console, plan) -> None:
                   f"dense {format_size(shape.dense_bytes)}; routing from {shape.probs_source}", highlight=False)
     console.print(f"hardware ({hw.source}): link {hw.link_gbps:.2f} GB/s, expert call {hw.expert_fixed_s * 1e3:.2f} ms "
                   f"+ {hw.expert_token_s * 1e3:.3f} ms/token, dense {hw.dense_token_s * 1e3:.3f} ms/token/layer, "
-                  f"head {hw.head_token_s * 1e3:.3f} ms/token, overlap {hw.overlap:.0%}", highlight=False)
+                  f"head {hw.head_token_s * 1e3:.3f} ms/token, overlap "
+                  + (", ".join(f"{o:.0%} at {n} seqs" for n, o in hw.overlap_curve) or f"{hw.overlap:.0%}"),
+                  highlight=False)
     t = Table(title=f"predicted decode (batches of {best.batch_size} sequences; per step: every sequence +1 token)")
     for col in ("batches", "slots", "hot", "tokens/s", "step ms", "compute ms", "transfer ms", "stall ms",
                 "loads/step", "MB/token"):

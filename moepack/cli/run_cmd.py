@@ -53,6 +53,9 @@ def print_stats(console: Console, s) -> None:
     if s.belady_bytes_per_token is not None:
         t.add_row("optimal (Belady) bytes / token", f"{format_size(s.belady_bytes_per_token)} "
                   f"(hit rate {s.belady_hit_rate:.1%} at {s.expert_slots} slots)")
+    if s.static_bytes_per_token is not None:
+        t.add_row("best static cache bytes / token", f"{format_size(s.static_bytes_per_token)} "
+                  "(the most used experts pinned, known in hindsight)")
     if s.prefetch != "none":
         p, r = s.prefetch_precision, s.prefetch_recall
         pr = "no predictions" if p is None else f"precision {p:.1%}, recall {r:.1%}"

@@ -17,11 +17,21 @@ the model's size. For every expert e of a sparse layer, on the tokens routed to 
   q{b}g{G} recipes both the optimised quantiser and min/max round-to-nearest are measured and the better
   kept (`rtn[proj]` names the recipes where RTN won; compress then encodes those with RTN).
 
+For adaptive execution (runtime/adaptive.py, `auto` settings), on the same tokens:
+
+- `sparsity`: FloE's selection error at each keep fraction of KEEP_GRID: ||y - y_keep||^2 / ||y||^2 of the
+  expert when each token computes only its channels of largest |up(x)| (the runtime's rule);
+- `Profile.drop_error[layer]`: c in err(token) ~ c (1 - share)^2, the relative squared error of the layer's
+  MoE output when a token runs only its little half of top-k (share: the little half's router weight). The
+  difference is exactly (1 - share) (mean little output - mean big output), so c is the ratio of sums
+  sum ||y_little - y||^2 / sum (1 - share)^2 ||y||^2 over the calibration tokens.
+
 An expert routed fewer than `MIN_ROUTED` tokens is measured on a sample of all of the layer's tokens instead
 (`fallback_inputs`), so even an expert calibration never chose gets a meaningful error."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +60,8 @@ MIN_ROUTED = 8  # fewer routed tokens than this: measure the expert on the layer
 DEFAULT_MAX_ROWS = 2048  # tokens per expert used to measure errors (evenly spaced sample)
 SMALL_EXPERT = 1 << 22  # weights per projection below which profiling runs on one thread (see profile)
 DEFAULT_MAX_CHANNELS = 1024  # intermediate channels encoded per candidate (see measure_errors); toy/baby: all
+SPARSITY_ROWS = 256  # tokens per expert for the FloE selection error (nine products over them)
+KEEP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # FloE keep fractions whose error is profiled
 
 
 @dataclass
@@ -62,6 +74,7 @@ class ExpertProfile:
     errors: dict[str, dict[str, float]] = field(default_factory=dict)  # proj -> recipe -> rel. squared error
     fallback_inputs: bool = False
     rtn: dict[str, set[str]] = field(default_factory=dict)  # proj -> recipes whose best encoder is plain RTN
+    sparsity: tuple[float, ...] = ()  # FloE selection error at each KEEP_GRID fraction (see module docstring)
 
 
 @dataclass
@@ -74,6 +87,9 @@ class Profile:
     experts: dict[Key, ExpertProfile] = field(default_factory=dict)
     seconds: float = 0.0
     channels_sampled: int | None = None  # errors estimated on this many channels per projection (None: all)
+    drop_error: dict[int, float] = field(default_factory=dict)  # layer -> c of err ~ c (1 - little share)^2
+    adaptive_scale: float | None = None  # factor on the `auto` targets chosen end to end (profile/tune.py)
+    tune_curve: list[tuple[float, float]] = field(default_factory=list)  # (scale, worst-case KL nats/token)
 
     def frequencies(self) -> dict[Key, float]:
         return {k: p.frequency for k, p in self.experts.items()}
@@ -88,6 +104,21 @@ class Profile:
     def encoder(self, layer: int, expert: int, proj: str, recipe: str) -> str:
         """"rtn" when min/max round-to-nearest gave this projection the smaller output error, else "optimised"."""
         return "rtn" if recipe in self.experts[(layer, expert)].rtn.get(proj, ()) else "optimised"
+
+    def adaptive(self) -> dict:
+        """What the manifest's meta keeps for `auto` adaptive settings (read by runtime/adaptive.py)."""
+        return {"tokens": self.tokens, "keep_grid": list(KEEP_GRID),
+                "sparse_error": [[k[0], k[1], [round(e, 8) for e in p.sparsity]]
+                                 for k, p in sorted(self.experts.items()) if p.sparsity],
+                "drop_error": [[layer, round(c, 8)] for layer, c in sorted(self.drop_error.items())],
+                "scale": 1.0 if self.adaptive_scale is None else self.adaptive_scale,
+                "tune_kl": [[s, round(kl, 6)] for s, kl in self.tune_curve]}
+
+    def adaptive_calibration(self):
+        from moepack.runtime.adaptive import AdaptiveCalibration
+
+        return AdaptiveCalibration(KEEP_GRID, {k: p.sparsity for k, p in self.experts.items() if p.sparsity},
+                                   dict(self.drop_error))
 
     def summary(self) -> dict:
         """What the manifest's meta keeps about the calibration."""
@@ -120,6 +151,22 @@ def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
         return x
     idx = torch.linspace(0, x.shape[0] - 1, max_rows).round().long()
     return x[idx]
+
+
+def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor], grid: Sequence[float] = KEEP_GRID) -> tuple:
+    """FloE's selection error ||y - y_keep||^2 / ||y||^2 on x [n, H] at each keep fraction of `grid`: every
+    token keeps its ceil(keep * I) channels of largest |up(x)| (adaptive.select_channels' rule)."""
+    u = x @ w["up"].T  # [n, I]
+    h = F.silu(x @ w["gate"].T) * u
+    y = h @ w["down"]
+    energy = float(y.double().square().sum())
+    rank = u.abs().argsort(1, descending=True).argsort(1)  # [n, I]: 0 = the largest |up|
+    out = []
+    for keep in grid:
+        n = max(1, math.ceil(keep * u.shape[1]))
+        err = float((y - (h * (rank < n)) @ w["down"]).double().square().sum())
+        out.append(err / energy if energy > 0 else 0.0)
+    return tuple(out)
 
 
 def measure_errors(x: torch.Tensor, w: dict[str, torch.Tensor], candidates: Sequence[str],
@@ -200,6 +247,7 @@ class ProfilingExecutor:
         self.max_rows, self.max_channels = max_rows, max_channels
         self.progress = progress
         self.experts: dict[Key, ExpertProfile] = {}
+        self.drop_error: dict[int, float] = {}
         self._done = 0
         self._total = len(spec.sparse_layer_ids) * spec.num_experts
 
@@ -207,6 +255,10 @@ class ProfilingExecutor:
         from moepack.compress import load_expert
 
         out = torch.zeros_like(x)
+        little = torch.zeros_like(x)  # each token's output from its little half alone, rescaled (big-little)
+        kl = max(1, topk_ids.shape[1] // 2)
+        w_top = topk_weights.float()
+        share = w_top[:, :kl].sum(1) / w_top.sum(1).clamp_min(1e-30)  # [T], adaptive.little_share
         counts = torch.bincount(topk_ids.flatten(), minlength=self.spec.num_experts)  # [E]
         slots = int(topk_ids.numel())
         layer_sample = _sample_rows(x, self.max_rows)
@@ -215,7 +267,10 @@ class ProfilingExecutor:
             tok, slot = (topk_ids == e).nonzero(as_tuple=True)
             xe = x[tok]  # [n, H]
             y = (F.silu(xe @ w["gate"].T) * (xe @ w["up"].T)) @ w["down"]
-            out.index_add_(0, tok, y * topk_weights[tok, slot, None].to(y.dtype))
+            yw = y * topk_weights[tok, slot, None].to(y.dtype)
+            out.index_add_(0, tok, yw)
+            lit = slot < kl
+            little.index_add_(0, tok[lit], yw[lit] / share[tok[lit], None].to(y.dtype))
             fallback = len(tok) < MIN_ROUTED
             probe = layer_sample if fallback else xe
             imp = probe.square().mean(0)  # [H] mean squared activation per input column
@@ -223,12 +278,17 @@ class ProfilingExecutor:
             rtn: dict[str, set[str]] | None = {} if self.try_rtn else None
             errors = measure_errors(_sample_rows(probe, self.max_rows), w, self.candidates, importance,
                                     max_channels=self.max_channels, rtn=rtn)
+            sparsity = sparsity_errors(_sample_rows(probe, min(self.max_rows, SPARSITY_ROWS)), w)
             self.experts[(layer, e)] = ExpertProfile(layer, e, int(counts[e]), int(counts[e]) / max(slots, 1),
-                                                     importance, errors, fallback, rtn or {})
+                                                     importance, errors, fallback, rtn or {}, sparsity)
             del w, xe, y
             self._done += 1
             if self.progress:
                 self.progress("profile", self._done, self._total)
+        if topk_ids.shape[1] > kl:
+            dropped = float((little - out).double().square().sum())
+            scale = float(((1 - share.double()).square() * out.double().square().sum(1)).sum())
+            self.drop_error[layer] = dropped / scale if scale > 0 else 0.0
         return out
 
 
@@ -239,7 +299,7 @@ def shape_i(spec) -> int:
 def profile(src: str, calib: str | None = None, *, candidates: Sequence[str] = DEFAULT_CANDIDATES,
             seq_len: int | None = None, max_tokens: int | None = None, max_rows: int = DEFAULT_MAX_ROWS,
             max_channels: int | None = DEFAULT_MAX_CHANNELS, threads: int | None = None, try_rtn: bool = True,
-            progress: ProgressFn | None = None) -> Profile:
+            tune: bool = True, progress: ProgressFn | None = None) -> Profile:
     """Profile every expert of the checkpoint `src` (folder, hub id or alias) on `calib` (a text file;
     None: the embedded calibration text). See the module docstring for what is recorded.
 
@@ -247,7 +307,9 @@ def profile(src: str, calib: str | None = None, *, candidates: Sequence[str] = D
     (< SMALL_EXPERT weights), where the work is many small ops and the pool only adds synchronisation
     (profiling a baby model took 302 s with 2 threads and 19 s with 1 on a loaded 2-core host), else
     torch's current setting. `try_rtn`: also measure min/max round-to-nearest for plain q{b}g{G} recipes and
-    keep whichever encoder gives the smaller output error (same bytes and format; see measure_errors)."""
+    keep whichever encoder gives the smaller output error (same bytes and format; see measure_errors).
+    `tune`: choose the scale of the `auto` adaptive targets end to end (profile/tune.py: a few more
+    forwards over up to TUNE_TOKENS calibration tokens)."""
     from moepack.arch import adapter_for, spec_from_config
     from moepack.profile.calib import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, load_calibration
     from moepack.runtime.model import MoeModel
@@ -272,7 +334,20 @@ def profile(src: str, calib: str | None = None, *, candidates: Sequence[str] = D
     try:
         with torch.inference_mode():
             model.hidden_states(cal.windows)  # all windows advance layer by layer together
+        prof = Profile(str(src), spec.family, cal.source, cal.tokens, cands, executor.experts, 0.0,
+                       max_channels if max_channels and max_channels < shape_i(spec) else None, executor.drop_error)
+        if tune and spec.top_k > 1:
+            from moepack.compress import load_expert
+            from moepack.profile.tune import TUNE_TOKENS, tune_scale
+
+            rows = max(1, TUNE_TOKENS // cal.windows.shape[1])
+            with torch.inference_mode():
+                prof.adaptive_scale, prof.tune_curve = tune_scale(
+                    model, lambda la, e: {p: t.float() for p, t in load_expert(ckpt, adapter, la, e).items()},
+                    spec.num_experts, prof.adaptive_calibration(), cal.windows[:rows])
+            if progress:
+                progress("tune", 1, 1)
     finally:
         torch.set_num_threads(saved)
-    return Profile(str(src), spec.family, cal.source, cal.tokens, cands, executor.experts,
-                   time.perf_counter() - t0, max_channels if max_channels and max_channels < shape_i(spec) else None)
+    prof.seconds = time.perf_counter() - t0
+    return prof

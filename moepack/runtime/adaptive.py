@@ -22,28 +22,51 @@ fallback cost +2-3.5% perplexity at small budgets (benchmarks/bench_prefetch.py)
 largest |up(x)| are predicted active (silu(gate) * up is small where up is small) and only those rows of gate
 and down are computed (`rows=` in the kernels). `keep` is the fraction of channels kept per token. With
 several tokens (prefill) the union of the tokens' channels is computed and each token's other channels are
-masked out, so a token's result does not depend on its batch."""
+masked out, so a token's result does not depend on its batch.
+
+**`auto` settings.** A pack compressed with calibration carries what the profiler measured
+(moepack/profile/profiler.py, manifest meta "adaptive"): each expert's FloE selection error at keep
+fractions 0.1 .. 0.9, and each layer's c in err ~ c (1 - share)^2 (relative squared error of the layer's MoE
+output when a token runs only its little half). `auto` then chooses per model, as FloE calibrates its
+thresholds offline, instead of one global number:
+
+- `--sparse-channels auto`: per expert, the smallest profiled keep whose error is at most SPARSE_ERROR
+  (1.0, dense, when none is);
+- `--adaptive-k auto`: per layer, the share above which a token's predicted error is at most BIG_LITTLE_ERROR,
+  1 - sqrt(BIG_LITTLE_ERROR / c); `--fallback auto` the same with FALLBACK_ERROR (a fallback only happens
+  on a miss, so it may cost more per token)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from moepack.errors import MoepackError
+from moepack.errors import ManifestError, MoepackError
+
+Key = tuple[int, int]
+# `auto` targets, relative squared output error (see the module docstring; chosen in
+# benchmarks/bench_prefetch.py on the trained toy model and the random generated one)
+SPARSE_ERROR = 0.01
+BIG_LITTLE_ERROR = 0.01
+FALLBACK_ERROR = 0.02
 
 
-def parse_fraction(value, what: str) -> float | None:
-    """'off' / None / 0 -> None; otherwise a float in (0, 1]."""
+def parse_fraction(value, what: str, *, auto: bool = False) -> float | str | None:
+    """'off' / None / 0 -> None; 'auto' (where `auto`) -> 'auto'; otherwise a float in (0, 1]."""
     if value is None or value is False:
         return None
     if isinstance(value, str):
         if value.strip().lower() in ("off", "none", "", "no"):
             return None
+        if auto and value.strip().lower() == "auto":
+            return "auto"
         try:
             value = float(value)
         except ValueError:
-            raise MoepackError(f"{what} takes 'off' or a number in (0, 1], not {value!r}") from None
+            raise MoepackError(f"{what} takes 'off'{', auto' if auto else ''} or a number in (0, 1], "
+                               f"not {value!r}") from None
     value = float(value)
     if not 0.0 < value <= 1.0:
         raise MoepackError(f"{what} takes 'off' or a number in (0, 1], not {value}")
@@ -92,3 +115,60 @@ def select_channels(u: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.T
 def row_runs(rows: list[int]) -> int:
     """Number of contiguous runs in sorted channel ids (each is one byte range per part of gate and down)."""
     return sum(1 for i, r in enumerate(rows) if i == 0 or r != rows[i - 1] + 1)
+
+
+@dataclass(frozen=True)
+class AdaptiveCalibration:
+    """The profiled statistics behind `auto` (manifest meta "adaptive", written by compress)."""
+
+    keep_grid: tuple[float, ...]
+    sparse_error: dict[Key, tuple[float, ...]]  # expert -> selection error at each keep of keep_grid
+    drop_error: dict[int, float]  # layer -> c of err ~ c (1 - little share)^2
+    scale: float = 1.0  # factor on the targets, chosen end to end at compress time (profile/tune.py)
+
+    @classmethod
+    def from_pack(cls, pack) -> AdaptiveCalibration:
+        """The pack's calibration; MoepackError naming the pack when it has none, ManifestError when it is
+        malformed."""
+        return cls.from_meta(pack.manifest.meta, pack.path)
+
+    @classmethod
+    def from_meta(cls, manifest_meta: dict, path) -> AdaptiveCalibration:
+        meta = manifest_meta.get("adaptive")
+        if meta is None:
+            raise MoepackError("'auto' adaptive settings need a pack compressed with calibration "
+                               "(--target-ratio, or --recipe with --calib); this one has none", path=path)
+        try:
+            grid = tuple(float(k) for k in meta["keep_grid"])
+            sparse = {(int(la), int(e)): tuple(float(v) for v in errs) for la, e, errs in meta["sparse_error"]}
+            drop = {int(la): float(c) for la, c in meta["drop_error"]}
+            scale = float(meta.get("scale", 1.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"meta.adaptive is malformed ({exc!r})", path=path) from None
+        if any(len(v) != len(grid) for v in sparse.values()) or not all(0 < k < 1 for k in grid):
+            raise ManifestError("meta.adaptive: sparse_error rows must match keep_grid, a grid of fractions in (0, 1)",
+                                path=path)
+        if any(not math.isfinite(v) or v < 0
+               for v in [scale, *drop.values(), *(x for r in sparse.values() for x in r)]):
+            raise ManifestError("meta.adaptive: errors and scale must be finite and non-negative", path=path)
+        return cls(grid, sparse, drop, scale)
+
+    def auto(self) -> tuple[dict[int, float], dict[int, float], dict[Key, float]]:
+        """(big-little thresholds, fallback thresholds, keep fractions) of `auto`: the targets times `scale`;
+        scale 0 (the model absorbed no error in tuning) turns every approximation off."""
+        if self.scale <= 0:
+            return ({la: 1.0 for la in self.drop_error}, {la: 1.0 for la in self.drop_error},
+                    dict.fromkeys(self.sparse_error, 1.0))
+        return (self.share_threshold(self.scale * BIG_LITTLE_ERROR), self.share_threshold(self.scale * FALLBACK_ERROR),
+                self.keep(self.scale * SPARSE_ERROR))
+
+    def keep(self, target: float = SPARSE_ERROR) -> dict[Key, float]:
+        """Per expert: the smallest profiled keep fraction whose selection error is at most `target` (1.0:
+        none is, the expert runs dense)."""
+        return {key: min((k for k, e in zip(self.keep_grid, errs, strict=True) if e <= target), default=1.0)
+                for key, errs in self.sparse_error.items()}
+
+    def share_threshold(self, target: float) -> dict[int, float]:
+        """Per layer: the little share above which dropping the big half costs at most `target`."""
+        return {layer: 0.0 if c <= 0 else min(1.0, max(0.0, 1 - math.sqrt(target / c)))
+                for layer, c in self.drop_error.items()}

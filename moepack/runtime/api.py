@@ -17,8 +17,8 @@ import torch
 from moepack.errors import MoepackError
 from moepack.format import Pack
 from moepack.kernels import Backend
-from moepack.runtime.adaptive import parse_fraction
-from moepack.runtime.belady import belady
+from moepack.runtime.adaptive import AdaptiveCalibration, parse_fraction
+from moepack.runtime.belady import belady, static_best
 from moepack.runtime.budget import BudgetPlan, plan_budget
 from moepack.runtime.cache import ExpertCache, make_policy
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB, StreamingExecutor
@@ -97,12 +97,19 @@ class MoePackModel:
         little half carries at least that share also runs only it when a big expert is not resident, True: every
         token may);
         `sparse_channels` off or the kept fraction of intermediate channels (FloE; `partial_loads` moves only
-        up and the kept rows of gate/down on a miss instead of the whole expert)."""
+        up and the kept rows of gate/down on a miss instead of the whole expert). `adaptive_k`, `fallback` and
+        `sparse_channels` also take 'auto': per layer / per expert from the pack's profiled statistics
+        (runtime/adaptive.py)."""
         prefetch = parse_prefetch(prefetch)
-        big_little = parse_fraction(adaptive_k, "adaptive-k")
-        fallback = 0.0 if fallback is True else parse_fraction(fallback, "fallback")
-        sparse_keep = parse_fraction(sparse_channels, "sparse-channels")
+        big_little = parse_fraction(adaptive_k, "adaptive-k", auto=True)
+        fallback = 0.0 if fallback is True else parse_fraction(fallback, "fallback", auto=True)
+        sparse_keep = parse_fraction(sparse_channels, "sparse-channels", auto=True)
         pack = Pack(path)
+        if "auto" in (big_little, fallback if big_little is not None else None, sparse_keep):
+            auto_bl, auto_fb, auto_keep = AdaptiveCalibration.from_pack(pack).auto()  # from the profiled statistics
+            big_little = auto_bl if big_little == "auto" else big_little
+            fallback = auto_fb if fallback == "auto" else fallback
+            sparse_keep = auto_keep if sparse_keep == "auto" else sparse_keep
         spec = pack.spec
         layers = list(spec.sparse_layer_ids)
         if isinstance(cache_policy, str):
@@ -242,6 +249,7 @@ class MoePackModel:
             stats.belady_hit_rate = whole.hit_rate
             mark = self._trace_mark if self._trace_mark is not None else len(ex.trace)
             stats.belady_bytes_decode = belady(ex.trace, cache.slots, nbytes=nbytes, start=mark).bytes
+            stats.static_bytes_decode = static_best(ex.trace, cache.slots, nbytes=nbytes, start=mark).bytes
         tokens = max(ex.counts["tokens"], 1)
         if ex.big_little is not None:
             stats.extra["little_token_share"] = ex.counts["little_tokens"] / tokens

@@ -71,6 +71,25 @@ def belady(trace: Sequence[Key], slots: int, *, nbytes: Callable[[Key], int] | N
     return BeladyResult(len(trace) - start, misses, moved)
 
 
+def static_best(trace: Sequence[Key], slots: int, *, nbytes: Callable[[Key], int] | None = None,
+                start: int = 0) -> BeladyResult:
+    """Misses of the best *static* cache on trace[start:]: the `slots` keys it uses most, resident from the
+    start for free; every other access misses and bypasses the cache (so at very few slots this can beat
+    Belady's MIN, which must cache every miss). When routing is independent from token to token, keeping the
+    most probable experts is the best any policy without knowledge of the future can expect to do (the
+    independent reference model's A0), and here the frequencies are even known in hindsight. The gap between
+    this and Belady is what only foresight of the order buys."""
+    if slots < 1:
+        raise ValueError("a static cache needs at least one slot")
+    segment = trace[min(max(start, 0), len(trace)):]
+    counts: dict[Key, int] = {}
+    for key in segment:
+        counts[key] = counts.get(key, 0) + 1
+    kept = set(sorted(counts, key=lambda k: -counts[k])[:slots])
+    missed = [k for k in segment if k not in kept]
+    return BeladyResult(len(segment), len(missed), sum(nbytes(k) for k in missed) if nbytes is not None else 0)
+
+
 def simulate(trace: Sequence[Key], slots: int, policy: str = "lru", **kw) -> int:
     """Misses of an online policy (moepack.runtime.cache) on the same trace, for comparison with MIN."""
     from moepack.runtime.cache import make_policy

@@ -58,17 +58,24 @@ def sparse_ffn(x: torch.Tensor, projs: dict, backend: Backend, keep: float) -> t
     return matmul_t(h, *projs["down"], rows=rows, backend=backend), rows.numel()
 
 
+def _at(threshold: float | dict[int, float] | None, layer: int) -> float | None:
+    """One threshold, or this layer's (a layer without one: off)."""
+    return threshold.get(layer) if isinstance(threshold, dict) else threshold
+
+
 def _rowwise(name: str) -> bool:
     return name != "lr_v"  # every part but the low-rank right factor has one row per channel
 
 
 class StreamingExecutor:
     def __init__(self, pack: Pack, cache: ExpertCache | None, streamer: Streamer | None, *,
-                 backend: Backend = Backend.AUTO, big_little: float | None = None,
-                 fallback: float | None = FALLBACK_SHARE,
-                 sparse_keep: float | None = None, partial_loads: bool = False, device: torch.device | None = None,
-                 prefetch_min_prob: float = PREFETCH_MIN_PROB):
-        """With `cache=None` every expert is used in place from the mapped pack (CPU, no budget)."""
+                 backend: Backend = Backend.AUTO, big_little: float | dict[int, float] | None = None,
+                 fallback: float | dict[int, float] | None = FALLBACK_SHARE,
+                 sparse_keep: float | dict[Key, float] | None = None, partial_loads: bool = False,
+                 device: torch.device | None = None, prefetch_min_prob: float = PREFETCH_MIN_PROB):
+        """With `cache=None` every expert is used in place from the mapped pack (CPU, no budget).
+        `big_little` and `fallback` are one threshold or one per layer, `sparse_keep` one keep fraction or
+        one per expert (`auto`, runtime/adaptive.py); a keep of 1.0 runs that expert dense."""
         self.pack, self.cache, self.streamer, self.backend = pack, cache, streamer, backend
         self.records = pack.expert_records
         self.big_little = big_little
@@ -104,10 +111,16 @@ class StreamingExecutor:
             return blob[: self.records[key].nbytes]
         return self.load(key)
 
+    def keep_for(self, key: Key) -> float | None:
+        """FloE keep fraction of this expert (None: dense)."""
+        keep = self.sparse_keep.get(key, 1.0) if isinstance(self.sparse_keep, dict) else self.sparse_keep
+        return None if keep is None or keep >= 1.0 else keep
+
     def _acquire(self, key: Key) -> torch.Tensor | None:
         """Like ensure, but under partial loads a miss the policy does not admit returns None: it is computed
         from the kept rows read straight from the pack, with no slot."""
-        if self.partial_loads and key not in self.cache and not self.cache.admits(key):
+        if (self.partial_loads and key not in self.cache and self.keep_for(key) is not None
+                and not self.cache.admits(key)):
             self.cache.lookup(key)  # counts the miss
             return None
         return self.ensure(key)
@@ -178,9 +191,10 @@ class StreamingExecutor:
         that is not resident and runs its little set; the missing expert is queued for prefetch (so the next
         token may find it; gated like any). Tokens below the threshold always run their full set."""
         kl = max(1, topk_ids.shape[1] // 2)
-        if self.fallback is None or self.cache is None or topk_ids.shape[1] <= kl:
+        threshold = _at(self.fallback, layer)
+        if threshold is None or self.cache is None or topk_ids.shape[1] <= kl:
             return active
-        eligible = active[:, kl:].any(1) & (share >= self.fallback)  # [T]
+        eligible = active[:, kl:].any(1) & (share >= threshold)  # [T]
         if not bool(eligible.any()):
             return active
         big, big_active = topk_ids[:, kl:], active[:, kl:]
@@ -201,9 +215,13 @@ class StreamingExecutor:
         if blob is None:
             return self._compute_partial(key, x)
         projs = self._projections(key, blob)
-        if self.sparse_keep is None:
+        keep = self.keep_for(key)
+        if keep is None:
+            if self.sparse_keep is not None:  # counted as all rows, so the kept share covers every expert
+                self.counts["rows_kept"] += projs["gate"][2][0] * x.shape[0]
+                self.counts["rows_total"] += projs["gate"][2][0] * x.shape[0]
             return expert_ffn(x, projs, self.backend)
-        y, n = sparse_ffn(x, projs, self.backend, self.sparse_keep)
+        y, n = sparse_ffn(x, projs, self.backend, keep)
         self.counts["rows_kept"] += n * x.shape[0]
         self.counts["rows_total"] += projs["gate"][2][0] * x.shape[0]
         return y
@@ -218,7 +236,7 @@ class StreamingExecutor:
         up = {k: v.to(dev) for k, v in projection_parts(blob, up_rec).items()}
         moved += sum(p.nbytes for p in up_rec.parts)
         u = matmul(x, up, up_rec.recipe, up_rec.shape, backend=self.backend)  # [T, I]
-        rows, mask = select_channels(u, self.sparse_keep)
+        rows, mask = select_channels(u, self.keep_for(key))
         rows_cpu = rows.cpu()
         compact = {}
         for p in ("gate", "down"):
@@ -247,9 +265,10 @@ class StreamingExecutor:
         self.counts["tokens"] += x.shape[0]
         cache = self.cache
         active = None
-        if self.big_little is not None:  # little tokens drop their big-only experts
+        threshold = _at(self.big_little, layer)
+        if threshold is not None:  # little tokens drop their big-only experts
             share = little_share(topk_weights)
-            little, active = big_little_mask(topk_weights, self.big_little, share)
+            little, active = big_little_mask(topk_weights, threshold, share)
             self.counts["little_tokens"] += int(little.sum())
         if cache is not None:  # what this layer's tokens want (before any fallback, which depends on the cache)
             wanted = topk_ids if active is None else topk_ids[active]

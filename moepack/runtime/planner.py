@@ -60,6 +60,12 @@ class Hardware:
     # (sequences in flight, measured / modelled compute) of the multi-batch engine with every expert resident:
     # what the per-part curves miss there (per-sequence attention, stacking, the loader thread beside compute)
     engine_scale: tuple[tuple[int, float], ...] = ()
+    # (sequences in flight, overlap) fitted on streaming runs of the engine: how much of the shorter of compute
+    # and transfer hides depends on how much compute a layer step has to hide a copy under (used instead of
+    # `overlap` when present)
+    overlap_curve: tuple[tuple[int, float], ...] = ()
+    # the plain runtime (one sequence, synchronous loads): measured / modelled run time of a streaming run
+    plain_scale: float = 1.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,6 +78,11 @@ class Hardware:
 
     def engine_factor(self, seqs: float) -> float:
         return _interpolate(self.engine_scale, seqs, extrapolate=False) if self.engine_scale else 1.0
+
+    def overlap_at(self, seqs: float | None) -> float:
+        if self.overlap_curve and seqs:
+            return _interpolate(self.overlap_curve, seqs, extrapolate=False)
+        return self.overlap
 
     def dense_s(self, tokens: float) -> float:
         """The dense parts of one layer (norms, attention, router, shared expert) for `tokens` tokens."""
@@ -198,8 +209,10 @@ def layer_times(shape: ModelShape, hw: Hardware, tokens: int, hot: set, *, pipel
                 engine_seqs: int | None = None) -> tuple[float, float, float, float]:
     """(time, compute, transfer, loads) over the layers for one step of `tokens` tokens (head excluded);
     `engine_seqs`: the multi-batch engine with that many sequences in flight (its calibration applies)."""
-    scale = hw.engine_factor(engine_seqs) if engine_seqs else 1.0
-    per_load = shape.expert_bytes / (hw.link_gbps * 1e9)
+    # calibration factors: the engine's compute per sequences in flight; the plain runtime's whole step
+    scale = hw.engine_factor(engine_seqs) if engine_seqs else hw.plain_scale
+    overlap = hw.overlap_at(engine_seqs)
+    per_load = shape.expert_bytes / (hw.link_gbps * 1e9) * (1.0 if engine_seqs else hw.plain_scale)
     needs = [1 - (1 - qs) ** tokens for qs in shape.layer_probs()]
     cold = [np.array([p for e, p in enumerate(need) if (li, e) not in hot]) for li, need in enumerate(needs)]
     working = sum(float(c.sum()) for c in cold)  # distinct streamed experts one step touches
@@ -211,7 +224,7 @@ def layer_times(shape: ModelShape, hw: Hardware, tokens: int, hot: set, *, pipel
         calls = sum(p * hw.expert_s(tokens * q / p) for q, p in zip(qs, need, strict=True) if p > 0)
         c = (calls + hw.dense_s(tokens)) * scale
         x = m * per_load
-        t = max(c, x) + (1 - hw.overlap) * min(c, x) if pipelined else c + x
+        t = max(c, x) + (1 - overlap) * min(c, x) if pipelined else c + x
         total, comp, xfer, loads = total + t, comp + c, xfer + x, loads + m
     extra = (shape.num_layers - shape.sparse_layers) * hw.dense_s(tokens) * scale  # dense MLP layers
     return total + extra, comp + extra, xfer, loads
@@ -417,18 +430,34 @@ def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float
 
 
 ENGINE_SEQS = (1, 4, 16, 32)
+STREAMING_SEQS = (1, 8, 32)
+
+
+def _bisect(predicted, measured: float, lo: float, hi: float, *, falling: bool) -> float:
+    """x in [lo, hi] where the monotonic `predicted(x)` meets `measured` (clamped to the ends)."""
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        above = predicted(mid) > measured
+        lo, hi = (mid, hi) if above == falling else (lo, mid)
+    return (lo + hi) / 2
 
 
 def calibrate_engine(pm, shape: ModelShape, hw: Hardware, *, seqs: tuple[int, ...] = ENGINE_SEQS,
-                     new_tokens: int = 6, prompt_tokens: int = 4, streaming_seqs: int = 8) -> Hardware:
-    """Hardware fitted to short runs of the multi-batch engine (docs/planning.md, "Calibration"):
+                     new_tokens: int = 6, prompt_tokens: int = 4,
+                     streaming_seqs: tuple[int, ...] = STREAMING_SEQS, repeats: int = 3) -> Hardware:
+    """Hardware fitted to short runs (each timed `repeats` times, the median kept: one run on a shared
+    machine can be off by tens of percent) of the runtime itself (docs/planning.md, "Calibration"):
 
     * `engine_scale`: with every expert resident in `pm`'s cache (only compute counts), measured / modelled
-      run time for each number of sequences in `seqs`;
-    * `overlap`: with a small cache (an eighth of the experts) and `streaming_seqs` sequences, the overlap
-      whose predicted run time matches the measured one (a copy thread beside compute contends for memory
-      and cores in ways the microbenchmark behind `measure_hardware`'s overlap does not see).
-    Every other configuration the planner predicts is out of sample."""
+      run time of the multi-batch engine for each number of sequences in `seqs`;
+    * `overlap_curve`: with a small cache (an eighth of the experts), for each number of sequences in
+      `streaming_seqs`, the overlap whose predicted run time matches the measured one (a copy thread beside
+      compute contends for memory and cores in ways the microbenchmark behind `measure_hardware`'s overlap
+      does not see, and how much of a copy hides depends on how much compute a step has);
+    * `plain_scale`: measured / modelled run time of the plain runtime (one sequence, synchronous loads) on
+      the same small cache.
+    The small cache is not a budget the planner is asked about in the benchmarks; every configuration it
+    predicts there is out of sample."""
     from dataclasses import replace
 
     from moepack.runtime.throughput import generate_many, load_for_throughput
@@ -443,26 +472,38 @@ def calibrate_engine(pm, shape: ModelShape, hw: Hardware, *, seqs: tuple[int, ..
 
     def timed(model, batch: list[list[int]]) -> float:
         generate_many(model, batch[:1], batches=1, max_new_tokens=2, prefetch=False, stop_at_eos=False)  # warm
-        t0 = time.perf_counter()
-        generate_many(model, batch, batches=len(batch), max_new_tokens=new_tokens, prefetch=False,
-                      stop_at_eos=False)
-        return time.perf_counter() - t0
+        return _median(lambda: generate_many(model, batch, batches=len(batch), max_new_tokens=new_tokens,
+                                             prefetch=False, stop_at_eos=False), repeats)
+
+    def timed_plain(model, batch: list[list[int]]) -> float:
+        model.generate(batch[0], max_new_tokens=2, stop_at_eos=False)  # warm
+        return _median(lambda: [model.generate(p, max_new_tokens=new_tokens, stop_at_eos=False) for p in batch],
+                       repeats)
 
     def modelled(h: Hardware, n: int, slots: int) -> float:
         return predict(shape, h, batches=n, slots=slots, prompts=[prompt_tokens] * n,
                        max_new_tokens=new_tokens).run_s
+
+    def modelled_plain(h: Hardware, n: int, slots: int) -> float:  # n prompts one after another
+        return predict(shape, h, batches=1, slots=slots, prompts=[prompt_tokens] * n, max_new_tokens=new_tokens,
+                       pipelined=False, engine=False).run_s
 
     scale = tuple((n, float(timed(pm, prompts(n)) / modelled(hw, n, shape.total_experts))) for n in seqs)
     hw = replace(hw, engine_scale=scale)
     slots = max(2 * shape.top_k, shape.total_experts // 8)
     small = load_for_throughput(pm.pack.path, vram=None, batches=1, slots=slots, context=pm.context,
                                 device=str(pm.model.device), dtype=pm.model.dtype)
-    measured = timed(small, prompts(streaming_seqs))
-    lo, hi = 0.0, 1.0  # the predicted time falls as overlap rises: bisect for the measured one
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if modelled(replace(hw, overlap=mid), streaming_seqs, slots) > measured else (lo, mid)
-    return replace(hw, overlap=(lo + hi) / 2, source=hw.source + ", engine calibrated")
+    curve = []
+    for n in streaming_seqs:  # the predicted time falls as overlap rises
+        measured = timed(small, prompts(n))
+        curve.append((n, _bisect(lambda o, n=n: modelled(replace(hw, overlap=o), n, slots), measured, 0.0, 1.0,
+                                 falling=True)))
+    batch = prompts(4)
+    measured = timed_plain(small, batch)
+    plain = _bisect(lambda f: modelled_plain(replace(hw, plain_scale=f), len(batch), slots), measured, 0.1, 10.0,
+                    falling=False)
+    return replace(hw, overlap=statistics.median(o for _, o in curve), overlap_curve=tuple(curve),
+                   plain_scale=float(plain), source=hw.source + ", engine calibrated")
 
 
 class _ZeroExperts:
@@ -485,6 +526,17 @@ def _measure_head(pm, repeats: int) -> float:
     model = pm.model
     h = torch.randn(1, model.spec.hidden_size, dtype=model.dtype, device=model.device)
     return _median(lambda: int(model.linear(h, model.lm_head).argmax()), repeats)
+
+
+def _lower_envelope(curve: list[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
+    """A cost curve made non-decreasing from below: each point is the smallest time measured at or beyond its
+    token count. More tokens never cost less, and interference on a shared machine only adds time, so a point
+    above a later one is the noisy one (the median of a few repeats still catches a burst)."""
+    out, low = [], math.inf
+    for n, t in reversed(sorted(curve)):
+        low = min(low, t)
+        out.append((n, low))
+    return tuple(reversed(out))
 
 
 def _linear_fit(curve: tuple[tuple[int, float], ...]) -> tuple[float, float]:
@@ -517,7 +569,7 @@ def _measure_expert_curve(pm, repeats: int, points: tuple[int, ...] = CURVE_TOKE
         sweep()  # warm (and resident, under a budget)
         out.append((n, _median(sweep, repeats) / (len(layers) * k)))
     ex.reset_counters()
-    return tuple(out)
+    return _lower_envelope(out)
 
 
 def _measure_dense_curve(pm, repeats: int, head_s: float, points: tuple[int, ...] = CURVE_TOKENS) -> tuple:
@@ -536,7 +588,7 @@ def _measure_dense_curve(pm, repeats: int, head_s: float, points: tuple[int, ...
 
             step()
             out.append((n, max(0.0, _median(step, repeats) - head_s) / model.spec.num_layers))
-    return tuple(out)
+    return _lower_envelope(out)
 
 
 def _measure_overlap(pm, projs, backend, seconds: float = 0.3) -> float:

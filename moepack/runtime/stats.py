@@ -47,6 +47,7 @@ class RunStats:
     prefetch_bytes: int = 0  # part of bytes_moved
     belady_bytes_decode: int | None = None  # the optimal cache's bytes on this run's trace, same slots
     belady_hit_rate: float | None = None
+    static_bytes_decode: int | None = None  # the best static cache's bytes (hindsight frequencies), same slots
     extra: dict = field(default_factory=dict)
 
     @property
@@ -73,11 +74,21 @@ class RunStats:
             return None
         return self.belady_bytes_decode / steps if steps > 0 else 0.0
 
+    @property
+    def static_bytes_per_token(self) -> float | None:
+        """The best static cache's bytes per decoded token (belady.static_best): under independent routing no
+        online policy can expect fewer."""
+        steps = self.tokens - 1
+        if self.static_bytes_decode is None:
+            return None
+        return self.static_bytes_decode / steps if steps > 0 else 0.0
+
     def to_json(self) -> dict:
         out = asdict(self)
         out.update(decode_tokens_per_s=self.decode_tokens_per_s, cache_hit_rate=self.cache_hit_rate,
                    bytes_moved_per_token=self.bytes_moved_per_token,
-                   belady_bytes_per_token=self.belady_bytes_per_token)
+                   belady_bytes_per_token=self.belady_bytes_per_token,
+                   static_bytes_per_token=self.static_bytes_per_token)
         out.update(out.pop("extra"))
         return out
 

@@ -1,0 +1,91 @@
+"""End-to-end tuning of the `auto` adaptive settings: how much per-expert and per-layer error a model absorbs.
+
+The profiler measures each expert's FloE selection error and each layer's big-little drop error, relative to
+that expert's or layer's own output. How much of that reaches the logits depends on the model: on the
+trained toy model a 7% relative error per expert (keep 0.5) cost nothing measurable, on a random-weight model
+the same error at keep 0.8 cost +3% perplexity (benchmarks/bench_prefetch.py). So the targets of
+runtime/adaptive.py are scaled per model by one factor, chosen here on the calibration text:
+
+    scale = the largest of TUNE_SCALES whose worst case stays within TUNE_KL nats/token of the exact model
+
+where the worst case runs every approximation at once: FloE at the scaled sparse target, and every token
+whose little share reaches the scaled *fallback* threshold running only its little set (as if each of its
+big experts were always missing). A run falls back only on misses, so the runtime's error is below this.
+No scale within the budget: 0, and `auto` turns the approximations off for that model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moepack.runtime.adaptive import (
+    FALLBACK_ERROR,
+    SPARSE_ERROR,
+    AdaptiveCalibration,
+    big_little_mask,
+    little_share,
+    reweight,
+)
+
+TUNE_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+TUNE_KL = 0.02  # nats/token for the worst case (on the toy model's sweep, KL 0.01-0.02 cost under 1% perplexity)
+TUNE_TOKENS = 512  # calibration tokens the tuning forwards run over
+
+
+class ApproximateExecutor:
+    """Experts read from the checkpoint layer by layer (like the profiler), computed with FloE at per-expert
+    keep fractions and big-little at per-layer thresholds; with neither, exactly."""
+
+    def __init__(self, load: Callable[[int, int], dict[str, torch.Tensor]], num_experts: int,
+                 keep: dict | None = None, threshold: dict | None = None):
+        self.load, self.num_experts = load, num_experts
+        self.keep, self.threshold = keep or {}, threshold or {}
+
+    def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        active = torch.ones_like(topk_ids, dtype=torch.bool)
+        if layer in self.threshold:
+            _, active = big_little_mask(topk_weights, self.threshold[layer], little_share(topk_weights))
+            topk_weights = reweight(topk_weights, active)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            tok, slot = ((topk_ids == e) & active).nonzero(as_tuple=True)
+            if len(tok) == 0:
+                continue
+            w = {p: t.to(x.dtype) for p, t in self.load(layer, e).items()}
+            xe = x[tok]
+            u = xe @ w["up"].T
+            h = F.silu(xe @ w["gate"].T) * u
+            keep = self.keep.get((layer, e), 1.0)
+            if keep < 1.0:  # each token its own channels of largest |up| (adaptive.select_channels' rule)
+                n = max(1, math.ceil(keep * u.shape[1]))
+                h = h * torch.zeros_like(h, dtype=torch.bool).scatter_(1, u.abs().topk(n, dim=1).indices, True)
+            out.index_add_(0, tok, (h @ w["down"]) * topk_weights[tok, slot, None].to(x.dtype))
+            del w  # one expert in memory at a time, as in the profiler
+        return out
+
+
+def tune_scale(model, load, num_experts: int, calib: AdaptiveCalibration, windows: torch.Tensor,
+               *, scales=TUNE_SCALES, budget: float = TUNE_KL) -> tuple[float, list[tuple[float, float]]]:
+    """(chosen scale, [(scale, worst-case KL nats/token), ...]) for `model` (a MoeModel whose executor is
+    replaced here) on calibration `windows` [B, T]."""
+    saved = model.executor
+    try:
+        model.executor = ApproximateExecutor(load, num_experts)
+        ref = torch.log_softmax(model.forward(windows).float(), -1)
+        curve = []
+        for s in scales:
+            model.executor = ApproximateExecutor(load, num_experts, calib.keep(s * SPARSE_ERROR),
+                                                 calib.share_threshold(s * FALLBACK_ERROR))
+            logp = torch.log_softmax(model.forward(windows).float(), -1)
+            curve.append((s, float((ref.exp() * (ref - logp)).sum(-1).mean())))
+    finally:
+        model.executor = saved
+    chosen = 0.0
+    for s, kl in curve:  # the scales up to the first one over the budget
+        if kl > budget:
+            break
+        chosen = s
+    return chosen, curve
