@@ -39,6 +39,23 @@ def bench_pack() -> Path:
     return out
 
 
+def machine_speed_probe(dtype: torch.dtype):
+    """A fixed small workload (bf16/float GEMMs of this model's expert shape), timed before the run and after
+    every row: its time relative to the first shows how much the machine's own speed drifted during the run."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, SHAPE["hidden"], generator=g).to(dtype)
+    b = torch.randn(SHAPE["hidden"], SHAPE["intermediate"], generator=g).to(dtype)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for _ in range(20):
+            torch.mm(a, b)
+        return time.perf_counter() - t0
+
+    once()
+    return lambda: min(once() for _ in range(5))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=32)
@@ -67,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     hw = measure_hardware(probe)
     shape = ModelShape.from_pack(probe.pack, trace=trace, dtype=probe.model.dtype)
     hw = calibrate_engine(probe, shape, hw)  # every expert is resident in the probe
+    speed = machine_speed_probe(probe.model.dtype)
+    at_calibration = speed()
     del probe
     prefetch = hw.overlap >= 0.25  # a prefetch only pays when its copy can hide under compute
     print(hw)
@@ -84,9 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         base_tps = toks / wall
         pred = predict(shape, hw, batches=1, slots=slots, pipelined=False, prompts=lens, max_new_tokens=args.new,
                        engine=False)
+        pred_base = pred.run_tokens_per_s
         rows.append([f"{frac:.0%} ({slots})", "one at a time", f"{base_tps:.2f}", "1.00x", f"{sum(lat) / len(lat):.2f}",
                      pm.executor.streamer.loads - loads0, f"{(pm.executor.stall_s - stall0) / wall:.1%}",
-                     f"{pred.run_tokens_per_s:.2f}", f"{pred.run_tokens_per_s / base_tps - 1:+.0%}"])
+                     f"{pred.run_tokens_per_s:.2f}", f"{pred.run_tokens_per_s / base_tps - 1:+.0%}", "",
+                     f"{at_calibration / speed():.2f}"])
         print(rows[-1], flush=True)
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         for size, n in ((size, int(b)) for size in sizes for b in args.batches.split(",")):
@@ -99,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([f"{frac:.0%} ({slots})", f"{n} batches of {size}", f"{s.tokens_per_s:.2f}",
                          f"{s.tokens_per_s / base_tps:.2f}x", f"{s.mean_latency_s:.2f}", s.loads,
                          f"{s.stall_fraction:.1%}", f"{pred.run_tokens_per_s:.2f}",
-                         f"{pred.run_tokens_per_s / s.tokens_per_s - 1:+.0%}"])
+                         f"{pred.run_tokens_per_s / s.tokens_per_s - 1:+.0%}",
+                         f"{(pred.run_tokens_per_s / pred_base) / (s.tokens_per_s / base_tps) - 1:+.0%}",
+                         f"{at_calibration / speed():.2f}"])
             print(rows[-1], flush=True)
             if n == max(int(b) for b in args.batches.split(",")):
                 summary.append((frac, n, size, s.tokens_per_s / base_tps))
@@ -108,17 +131,22 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.new} new tokens each (greedy, no EOS stop); torch threads: {args.threads}; compute dtype "
           f"{args.dtype} (every row, the baseline too). N batches of B: N x B "
           f"sequences in flight, the MoE of all of them stacked per layer step. Budget = expert cache "
-          f"slots as a share of all experts. Stall = time compute waited for expert loads / wall time.\n\n"
+          f"slots as a share of all experts. Stall = time compute waited for expert loads / wall time. Planner "
+          f"speed-up error: predicted (tokens/s / one at a time) against measured, which cancels a change of the "
+          f"machine's speed between calibration and measurement (this shared 2-core VM drifted by up to a third "
+          f"between runs minutes apart). Machine speed: a fixed GEMM workload timed after each row, relative to its time "
+          f"right after the planner's calibration (below 1: the machine got slower than when it was measured).\n\n"
           f"Measured hardware for the planner: link {hw.link_gbps:.2f} GB/s, expert call "
           f"{hw.expert_fixed_s * 1e3:.2f} ms + {hw.expert_token_s * 1e3:.3f} ms/token, dense "
           f"{hw.dense_token_s * 1e3:.3f} ms/token/layer, head {hw.head_token_s * 1e3:.3f} ms/token (linear fits; the "
-          f"planner uses the measured curves); from its calibration runs (docs/planning.md, medians of 3): overlap "
+          f"planner uses the measured curves); from its calibration runs (docs/planning.md, medians of 5): overlap "
           f"{', '.join(f'{o:.0%} at {n}' for n, o in hw.overlap_curve)}, engine compute factors "
           f"{', '.join(f'{f:.2f} at {n}' for n, f in hw.engine_scale)} (sequences in flight), plain-runtime factor "
           f"{hw.plain_scale:.2f}; routing from a 2-prompt trace; next-layer prefetch "
           f"{'on' if prefetch else 'off (no measured overlap: copies would compete with compute)'}.\n\n"
           + markdown_table(["budget (slots)", "mode", "tokens/s", "vs one at a time", "mean latency s",
-                            "expert loads", "stall", "planner tokens/s", "planner error"], rows)
+                            "expert loads", "stall", "planner tokens/s", "planner error",
+                            "planner speed-up error", "machine speed"], rows)
           + "\n" + "\n".join(f"- {f:.0%} budget, {n} batches of {size}: {x:.2f}x the tokens/s of one at a time"
                               for f, n, size, x in summary) + "\n")
     print(md)

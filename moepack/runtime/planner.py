@@ -444,7 +444,7 @@ def _bisect(predicted, measured: float, lo: float, hi: float, *, falling: bool) 
 
 def calibrate_engine(pm, shape: ModelShape, hw: Hardware, *, seqs: tuple[int, ...] = ENGINE_SEQS,
                      new_tokens: int = 6, prompt_tokens: int = 4,
-                     streaming_seqs: tuple[int, ...] = STREAMING_SEQS, repeats: int = 3) -> Hardware:
+                     streaming_seqs: tuple[int, ...] = STREAMING_SEQS, repeats: int = 5) -> Hardware:
     """Hardware fitted to short runs (each timed `repeats` times, the median kept: one run on a shared
     machine can be off by tens of percent) of the runtime itself (docs/planning.md, "Calibration"):
 
