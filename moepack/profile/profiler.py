@@ -31,7 +31,6 @@ An expert routed fewer than `MIN_ROUTED` tokens is measured on a sample of all o
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from moepack.codecs import decode, encode, encoded_nbytes, parse_recipe, quantize_rtn
 from moepack.errors import CodecError
 from moepack.format.constants import PROJECTIONS
+from moepack.runtime.adaptive import channel_mask, little_share
 
 ProgressFn = Callable[[str, int, int], None]
 Key = tuple[int, int]
@@ -160,11 +160,9 @@ def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor], grid: Sequence[
     h = F.silu(x @ w["gate"].T) * u
     y = h @ w["down"]
     energy = float(y.double().square().sum())
-    rank = u.abs().argsort(1, descending=True).argsort(1)  # [n, I]: 0 = the largest |up|
     out = []
     for keep in grid:
-        n = max(1, math.ceil(keep * u.shape[1]))
-        err = float((y - (h * (rank < n)) @ w["down"]).double().square().sum())
+        err = float((y - (h * channel_mask(u, keep)) @ w["down"]).double().square().sum())
         out.append(err / energy if energy > 0 else 0.0)
     return tuple(out)
 
@@ -257,8 +255,7 @@ class ProfilingExecutor:
         out = torch.zeros_like(x)
         little = torch.zeros_like(x)  # each token's output from its little half alone, rescaled (big-little)
         kl = max(1, topk_ids.shape[1] // 2)
-        w_top = topk_weights.float()
-        share = w_top[:, :kl].sum(1) / w_top.sum(1).clamp_min(1e-30)  # [T], adaptive.little_share
+        share = little_share(topk_weights)  # [T]
         counts = torch.bincount(topk_ids.flatten(), minlength=self.spec.num_experts)  # [E]
         slots = int(topk_ids.numel())
         layer_sample = _sample_rows(x, self.max_rows)

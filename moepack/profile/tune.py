@@ -2,8 +2,8 @@
 
 The profiler measures each expert's FloE selection error and each layer's big-little drop error, relative to
 that expert's or layer's own output. How much of that reaches the logits depends on the model: on the
-trained toy model a 7% relative error per expert (keep 0.5) cost nothing measurable, on a random-weight model
-the same error at keep 0.8 cost +3% perplexity (benchmarks/bench_prefetch.py). So the targets of
+trained toy model a 7% relative error per expert (keep 0.5) cost +0.25% perplexity, on a random-weight model
+about the same error (keep 0.8) cost +2.7% (benchmarks/bench_prefetch.py, 2026-12-02). So the targets of
 runtime/adaptive.py are scaled per model by one factor, chosen here on the calibration text:
 
     scale = the largest of TUNE_SCALES whose worst case stays within TUNE_KL nats/token of the exact model
@@ -15,7 +15,6 @@ No scale within the budget: 0, and `auto` turns the approximations off for that 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ from moepack.runtime.adaptive import (
     SPARSE_ERROR,
     AdaptiveCalibration,
     big_little_mask,
+    channel_mask,
     little_share,
     reweight,
 )
@@ -59,9 +59,8 @@ class ApproximateExecutor:
             u = xe @ w["up"].T
             h = F.silu(xe @ w["gate"].T) * u
             keep = self.keep.get((layer, e), 1.0)
-            if keep < 1.0:  # each token its own channels of largest |up| (adaptive.select_channels' rule)
-                n = max(1, math.ceil(keep * u.shape[1]))
-                h = h * torch.zeros_like(h, dtype=torch.bool).scatter_(1, u.abs().topk(n, dim=1).indices, True)
+            if keep < 1.0:  # each token its own channels, as the runtime chooses them
+                h = h * channel_mask(u, keep)
             out.index_add_(0, tok, (h @ w["down"]) * topk_weights[tok, slot, None].to(x.dtype))
             del w  # one expert in memory at a time, as in the profiler
         return out

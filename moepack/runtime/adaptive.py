@@ -99,17 +99,19 @@ def reweight(topk_weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return (kept * scale).to(topk_weights.dtype)
 
 
+def channel_mask(u: torch.Tensor, keep: float) -> torch.Tensor:
+    """up(x) [T, I] -> [T, I] bool: each token's ceil(keep * I) channels of largest |up| (FloE's rule; the
+    profiler's and the tuner's estimates use it too)."""
+    n = max(1, math.ceil(keep * u.shape[1]))
+    return torch.zeros_like(u, dtype=torch.bool).scatter_(1, u.abs().topk(n, dim=1).indices, True)
+
+
 def select_channels(u: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """up(x) [T, I] -> (rows [n] sorted int64: channels computed, mask [T, n] or None: each token's own).
-    Every token keeps its ceil(keep * I) channels of largest |up|."""
-    t, inter = u.shape
-    n = max(1, math.ceil(keep * inter))
-    idx = u.abs().topk(n, dim=1).indices  # [T, n]
-    if t == 1:
-        return idx[0].sort().values, None
-    chosen = torch.zeros(t, inter, dtype=torch.bool, device=u.device).scatter_(1, idx, True)
+    Every token keeps its ceil(keep * I) channels of largest |up| (`channel_mask`)."""
+    chosen = channel_mask(u, keep)
     rows = chosen.any(0).nonzero().squeeze(1)
-    return rows, chosen[:, rows]
+    return rows, (None if u.shape[0] == 1 else chosen[:, rows])
 
 
 def row_runs(rows: list[int]) -> int:

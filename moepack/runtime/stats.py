@@ -60,28 +60,27 @@ class RunStats:
         total = self.cache_hits + self.cache_misses
         return self.cache_hits / total if total else 1.0
 
+    def _per_decoded_token(self, nbytes: int | None) -> float | None:
+        steps = self.tokens - 1  # the first token comes from prefill
+        if nbytes is None:
+            return None
+        return nbytes / steps if steps > 0 else 0.0
+
     @property
     def bytes_moved_per_token(self) -> float:
         """Expert bytes loaded per decoded token (prefill excluded: it is amortised over the prompt)."""
-        steps = self.tokens - 1
-        return self.bytes_moved_decode / steps if steps > 0 else 0.0
+        return self._per_decoded_token(self.bytes_moved_decode)
 
     @property
     def belady_bytes_per_token(self) -> float | None:
         """Lower bound of bytes_moved_per_token for this budget: Belady's MIN on the same routing trace."""
-        steps = self.tokens - 1
-        if self.belady_bytes_decode is None:
-            return None
-        return self.belady_bytes_decode / steps if steps > 0 else 0.0
+        return self._per_decoded_token(self.belady_bytes_decode)
 
     @property
     def static_bytes_per_token(self) -> float | None:
         """The best static cache's bytes per decoded token (belady.static_best): under independent routing no
         online policy can expect fewer."""
-        steps = self.tokens - 1
-        if self.static_bytes_decode is None:
-            return None
-        return self.static_bytes_decode / steps if steps > 0 else 0.0
+        return self._per_decoded_token(self.static_bytes_decode)
 
     def to_json(self) -> dict:
         out = asdict(self)
