@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from moepack.runtime.belady import belady, next_uses, simulate, static_best
-from moepack.runtime.cache import ExpertCache, FateQuota, quotas_from_recall, shallow_quotas
+from moepack.runtime.belady import belady, independent_bound, next_uses, simulate, static_best
+from moepack.runtime.cache import LFU, ExpertCache, FateQuota, Reuse, quotas_from_recall, shallow_quotas
 
 
 def run(cache: ExpertCache, keys) -> list:
@@ -114,6 +114,22 @@ def test_static_best_keeps_the_most_used_keys():
     assert misses == sorted(misses, reverse=True) and misses[-1] == 0
 
 
+def test_independent_bound_resamples_the_frequencies_and_orders_the_bounds():
+    rng = random.Random(1)
+    trace = []
+    for _ in range(300):
+        for layer in range(3):
+            picks = rng.sample(range(6), 2) if layer else [0, 1]  # layer 0 always routes to experts 0 and 1
+            trace += [(layer, e) for e in picks]
+    opt, static = independent_bound(trace, 8, 2, start=60, tokens=500)
+    assert opt.accesses == static.accesses == 500 * 3 * 2
+    assert opt.misses <= static.misses  # MIN is never worse than any cache that bypasses no more
+    opt_all, static_all = independent_bound(trace, 14, 2, tokens=200)  # every key fits: no misses at all
+    assert static_all.misses == 0 and opt_all.misses == 14  # MIN starts cold: one compulsory miss per key
+    one_token = independent_bound(trace[:6], 2, 2, tokens=100)[1]  # 6 keys seen once each: 2 kept, 4 miss
+    assert one_token.misses == 4 * 100
+
+
 def test_next_uses():
     assert next_uses([(0, 1), (0, 2), (0, 1)]) == [2, 1 << 62, 1 << 62]
 
@@ -134,6 +150,39 @@ def test_belady_never_worse_than_online_policies(seed):
         for pol in ("lru", "lfu", "fate"):
             assert opt <= simulate(trace, slots, pol, layers=list(range(layers))), (slots, pol)
     assert belady(trace, layers * experts).misses == layers * experts  # compulsory only
+
+
+def test_reuse_evicts_the_farthest_expected_next_use():
+    pol = Reuse([0, 1, 2])
+    for layer, uses in ((0, {0: 3, 1: 1}), (1, {0: 2, 1: 2}), (2, {0: 4})):
+        pol.visit(layer, uses, 4)
+    # standing at layer 2: layer 0 runs next (d=1), layer 1 after it (d=2); (0,1) is rarer than (0,0)
+    assert pol.distance((0, 0)) < pol.distance((0, 1)) < pol.distance((2, 1))
+    assert pol.victim([(0, 0), (0, 1), (1, 0)]) == (0, 1)  # 1 + 0.75 * 3 / 0.25 = 10 > 2 + 0.55 * 3 / 0.45
+    assert pol.victim([(0, 0), (1, 0), (2, 1)]) == (2, 1)  # just used layer, never routed: farthest
+    pol.hint((2, 1), 1.0)  # predicted for certain at its next visit: now only the cycle distance counts
+    assert pol.distance((2, 1)) == pytest.approx(3.0)
+
+
+def test_profiled_popularity_ranks_experts_before_any_use():
+    """With nothing observed yet, the reuse policy without a prior cannot tell experts of a layer apart (it falls
+    back to recency); with the profiled popularity it keeps the popular one. Observations still move it."""
+    keys = [(0, 0), (0, 1)]
+    blind = Reuse([0, 1])
+    blind.visit(1, {}, 1)
+    assert blind.distance(keys[0]) == blind.distance(keys[1])
+    pol = Reuse([0, 1], popularity={(0, 0): 0.1, (0, 1): 0.9})
+    pol.visit(1, {}, 1)
+    assert pol.victim(keys) == (0, 0)
+    for _ in range(200):  # routing drifts to expert 0: the decayed counts outweigh the fixed prior
+        pol.visit(0, {0: 1}, 1)
+    pol.visit(1, {}, 1)
+    assert pol.victim(keys) == (0, 1)
+    lfu = LFU(popularity={(0, 0): 0.1, (0, 1): 0.9})
+    assert lfu.victim(keys) == (0, 0)
+    for _ in range(40):
+        lfu.touch((0, 0))
+    assert lfu.victim(keys) == (0, 1)
 
 
 def test_cache_buffer_is_fixed():

@@ -226,3 +226,20 @@ def test_auto_needs_a_calibrated_pack_and_a_sane_one(pack, calibrated, tmp_path)
     manifest.write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="meta.adaptive"):
         MoePackModel.load(bad, device="cpu", adaptive_k="auto")
+
+
+def test_reuse_and_lfu_start_from_the_profiled_frequencies(calibrated, pack):
+    """compress profiles routing frequencies; with cache_prior lfu and reuse take them as their prior."""
+    from moepack.runtime.routing_trace import profiled_popularity
+
+    assert profiled_popularity(budgeted(pack, 3).pack) is None  # compressed without calibration
+    model = budgeted(calibrated, 3, cache_policy="reuse", cache_prior=True)
+    pop = profiled_popularity(model.pack)
+    spec = model.spec
+    for layer in spec.sparse_layer_ids:
+        assert sum(pop[(layer, e)] for e in range(spec.num_experts)) == pytest.approx(spec.top_k)
+    assert model.executor.cache.policy.popularity == pop
+    assert budgeted(calibrated, 3, cache_policy="lfu", cache_prior=True).executor.cache.policy.count == pytest.approx(
+        {k: 32.0 * p for k, p in pop.items()})
+    blind = budgeted(calibrated, 3, cache_policy="reuse").executor.cache.policy  # off by default
+    assert blind.popularity == {} and blind.prior_tokens == 0

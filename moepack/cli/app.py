@@ -71,6 +71,7 @@ def run(
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16. bfloat16 on the CPU runs many-token products with bf16 GEMMs (faster batches, bf16 rounding)."),
     cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, fate (per-layer quotas favouring shallow layers), or reuse (evict the expert whose next use is expected farthest away)."),
+    cache_prior: bool = typer.Option(False, "--cache-prior/--no-cache-prior", help="lfu and reuse start from the pack's profiled routing frequencies (when it has them). Off by default: on the benchmark models a short window of recent routing predicts the next uses better than calibration-wide popularity (docs/benchmarks.md, prefetch)."),
     prefetch: str = typer.Option("none", "--prefetch", help="none, or fate: predict the next layer's experts from this layer's router input and load them early."),
     prefetch_min_prob: float = typer.Option(0.75, "--prefetch-min-prob", help="With --prefetch fate: load a predicted expert only if predictions like it (same layer and rank) have hit at least this often so far; 0 loads every prediction."),
     adaptive_k: str = typer.Option("off", "--adaptive-k", help="off, auto (per layer, from the pack's profiled statistics), or a threshold in (0,1]: tokens whose top half of top-k carries that share of router weight run only that half (big-little)."),
@@ -101,7 +102,8 @@ def run(
         run_cmd.run(pack, prompt=prompt, vram=vram, device=device, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend, dtype=dtype,
                     cache_policy=cache_policy, stats=stats, json_out=json_out, prefetch=prefetch, adaptive_k=adaptive_k,
-                    prefetch_min_prob=prefetch_min_prob, fallback=fallback, sparse_channels=sparse_channels, partial_loads=partial_loads)
+                    prefetch_min_prob=prefetch_min_prob, fallback=fallback, sparse_channels=sparse_channels,
+                    partial_loads=partial_loads, cache_prior=cache_prior)
     except MoepackError as exc:
         _fail(exc)
 

@@ -24,6 +24,7 @@ from moepack.runtime.cache import ExpertCache, make_policy
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB, StreamingExecutor
 from moepack.runtime.model import KVCache, MoeModel, storage_dtype, widens_on
 from moepack.runtime.prefetch import FatePrefetcher, parse_prefetch
+from moepack.runtime.routing_trace import profiled_popularity
 from moepack.runtime.sampling import TextStream, sample
 from moepack.runtime.stats import RunStats, peak_device_bytes, peak_rss_bytes
 from moepack.runtime.streamer import Streamer
@@ -84,12 +85,15 @@ class MoePackModel:
              verify: bool = True, prefetch: str = "none", prefetch_width: int | None = None,
              prefetch_min_prob: float = PREFETCH_MIN_PROB,
              adaptive_k: float | str | None = None, fallback: float | str | bool | None = FALLBACK_SHARE,
-             sparse_channels: float | str | None = None, partial_loads: bool = False) -> MoePackModel:
+             sparse_channels: float | str | None = None, partial_loads: bool = False,
+             cache_prior: bool = False) -> MoePackModel:
         """Open a pack. `vram` bounds dense weights + KV cache + workspace + expert slots on the device
         (on the CPU it bounds the same in RAM); None keeps every expert available.
 
         Each technique is switchable alone: `cache_policy` lru|lfu|fate (per-layer quotas favouring shallow
-        layers)|reuse (evicts the expert whose next use is expected farthest away); `prefetch` none|fate
+        layers)|reuse (evicts the expert whose next use is expected farthest away); `cache_prior`: lfu and reuse
+        start from the pack's profiled routing frequencies (off by default: it measured worse, docs/benchmarks.md
+        "prefetch"); `prefetch` none|fate
         (next-layer prediction; `prefetch_width` experts per token, default top-k; a prediction is loaded only
         if its measured hit rate is at least `prefetch_min_prob`);
         `adaptive_k` off or a threshold in (0, 1] (big-little: a token whose little half of top-k carries that
@@ -128,7 +132,8 @@ class MoePackModel:
                 None if vram is None else parse_size(vram), dense_bytes=dense_bytes,
                 kv_bytes=KVCache.bytes_per_token(spec, dtype) * context, workspace_bytes=workspace_bytes(spec, dtype),
                 slot_bytes=slot_bytes, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)
-            cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy, layers=layers)
+            popularity = profiled_popularity(pack) if cache_prior else None
+            cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy, layers=layers, popularity=popularity)
             streamer = Streamer(pack, dev, slot_bytes, verify=verify)
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
                                      sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev,

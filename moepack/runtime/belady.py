@@ -90,6 +90,36 @@ def static_best(trace: Sequence[Key], slots: int, *, nbytes: Callable[[Key], int
     return BeladyResult(len(segment), len(missed), sum(nbytes(k) for k in missed) if nbytes is not None else 0)
 
 
+def independent_bound(trace: Sequence[Key], slots: int, top_k: int, *, start: int = 0, tokens: int = 4000,
+                      seed: int = 0) -> tuple[BeladyResult, BeladyResult]:
+    """(MIN, best static) misses on a synthetic trace with trace[start:]'s per-layer expert frequencies but
+    routing drawn independently per token (top_k distinct experts per layer, layers in the trace's order).
+
+    Under independent routing the best static cache is what the best online policy can expect (it knows the
+    probabilities, not the order), so static / MIN here is how close to Belady any online policy could come on
+    routing with these frequencies and no memory: a ratio above an aim means caching alone cannot meet it."""
+    import random
+
+    segment = trace[min(max(start, 0), len(trace)):]
+    counts: dict[int, dict[int, int]] = {}
+    for layer, e in segment:
+        counts.setdefault(layer, {})
+        counts[layer][e] = counts[layer].get(e, 0) + 1
+    rng = random.Random(seed)
+    synthetic: list[Key] = []
+    for _ in range(tokens):
+        for layer, c in counts.items():
+            experts, weights = list(c), list(c.values())
+            picks: list[int] = []
+            k = min(top_k, len(experts))
+            while len(picks) < k:  # weighted, without replacement
+                i = rng.choices(range(len(experts)), weights)[0]
+                picks.append(experts.pop(i))
+                weights.pop(i)
+            synthetic += [(layer, e) for e in picks]
+    return belady(synthetic, slots), static_best(synthetic, slots)
+
+
 def simulate(trace: Sequence[Key], slots: int, policy: str = "lru", **kw) -> int:
     """Misses of an online policy (moepack.runtime.cache) on the same trace, for comparison with MIN."""
     from moepack.runtime.cache import make_policy

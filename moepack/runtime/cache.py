@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 Key = tuple[int, int]  # (layer, expert)
+PRIOR_TOKENS = 32.0  # weight of the profiled routing frequencies, in tokens (about the reuse policy's memory)
 
 
 class Policy:
@@ -77,13 +78,14 @@ class LRU(Policy):
 
 
 class LFU(Policy):
-    """Least frequently used, counting every use since start (ties: least recently used)."""
+    """Least frequently used, counting every use since start (ties: least recently used). `popularity`: the
+    profiled probability that a token routes to each expert, counted as `prior_tokens` tokens of uses."""
 
     name = "lfu"
 
-    def __init__(self) -> None:
+    def __init__(self, popularity: dict[Key, float] | None = None, prior_tokens: float = PRIOR_TOKENS) -> None:
         super().__init__()
-        self.count: dict[Key, int] = {}
+        self.count: dict[Key, float] = {k: prior_tokens * p for k, p in (popularity or {}).items()}
         self.clock: dict[Key, int] = {}
         self.t = 0
 
@@ -156,16 +158,24 @@ class Reuse(Policy):
 
     LRU evicts the layer just used last, which in a cycle is the one needed soonest, and thrashes once the
     cycle outgrows the slots; this keeps both the near layers and the popular experts. Ties: least recently
-    used. Admission (prefetch, partial loads) admits a key whose expected distance is shorter than the victim's."""
+    used. Admission (prefetch, partial loads) admits a key whose expected distance is shorter than the victim's.
+
+    `popularity` (the profiled probability that a token routes to each expert, from the pack's calibration
+    run) is a prior worth `prior_tokens` tokens that never decays, so a cold cache ranks experts before it has
+    seen any routing. Measured, it moved more bytes on both benchmark models (docs/benchmarks.md, prefetch):
+    which experts the next tokens use follows the recent tokens more than calibration-wide popularity."""
 
     name = "reuse"
 
-    def __init__(self, layers: list[int], *, half_life: float = 32.0, prior: float = 0.25):
+    def __init__(self, layers: list[int], *, half_life: float = 32.0, prior: float = 0.25,
+                 popularity: dict[Key, float] | None = None, prior_tokens: float = PRIOR_TOKENS):
         super().__init__()
         self.layers = list(layers)
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
         self.n = len(self.layers)
         self.half_life, self.prior = half_life, prior
+        self.popularity = dict(popularity or {})
+        self.prior_tokens = prior_tokens if popularity else 0.0
         self.freq: dict[int, dict[int, float]] = {layer: {} for layer in self.layers}  # decayed token counts
         self.tokens: dict[int, float] = dict.fromkeys(self.layers, 0.0)
         self.hints: dict[Key, float] = {}
@@ -188,9 +198,9 @@ class Reuse(Policy):
         self.hints[key] = prob
 
     def prob(self, key: Key) -> float:
-        """Share of this layer's tokens routed to the expert (decayed), with a weak prior."""
-        f = self.freq.get(key[0], {}).get(key[1], 0.0)
-        return (f + self.prior) / (self.tokens.get(key[0], 0.0) + 1.0)
+        """Share of this layer's tokens routed to the expert (decayed), with the profiled prior (or a weak one)."""
+        f = self.freq.get(key[0], {}).get(key[1], 0.0) + self.prior_tokens * self.popularity.get(key, 0.0)
+        return (f + self.prior) / (self.tokens.get(key[0], 0.0) + self.prior_tokens + 1.0)
 
     def distance(self, key: Key, first: float | None = None) -> float:
         """Expected layer steps until the key's next use (`first`: its probability at the next visit)."""
@@ -240,9 +250,10 @@ def quotas_from_recall(slots: int, recall: dict[int, float], floor: float = 0.1)
 POLICIES = {"lru": LRU, "lfu": LFU, "fate": FateQuota, "reuse": Reuse}
 
 
-def make_policy(name: str, *, slots: int | None = None, layers: list[int] | None = None) -> Policy:
+def make_policy(name: str, *, slots: int | None = None, layers: list[int] | None = None,
+                popularity: dict[Key, float] | None = None) -> Policy:
     """A policy by name; `fate` needs the slot count and the sparse layers for its default quotas, `reuse`
-    the sparse layers (their order)."""
+    the sparse layers (their order). `popularity` (profiled routing probabilities) seeds lfu and reuse."""
     from moepack.errors import MoepackError
 
     if name not in POLICIES:
@@ -254,7 +265,9 @@ def make_policy(name: str, *, slots: int | None = None, layers: list[int] | None
     if name == "reuse":
         if not layers:
             raise MoepackError("the reuse cache policy needs the model's layers")
-        return Reuse(layers)
+        return Reuse(layers, popularity=popularity)
+    if name == "lfu":
+        return LFU(popularity)
     return POLICIES[name]()
 
 
@@ -277,12 +290,14 @@ class CacheStats:
 
 class ExpertCache:
     def __init__(self, slots: int, slot_bytes: int, device: torch.device, policy: Policy | str = "lru",
-                 pin_memory: bool = False, layers: list[int] | None = None):
+                 pin_memory: bool = False, layers: list[int] | None = None,
+                 popularity: dict[Key, float] | None = None):
         if slots < 1:
             raise ValueError("an expert cache needs at least one slot")
         self.slots, self.slot_bytes, self.device = slots, slot_bytes, torch.device(device)
         self.buffer = torch.empty((slots, slot_bytes), dtype=torch.uint8, device=self.device, pin_memory=pin_memory)
-        self.policy = make_policy(policy, slots=slots, layers=layers) if isinstance(policy, str) else policy
+        self.policy = (make_policy(policy, slots=slots, layers=layers, popularity=popularity)
+                       if isinstance(policy, str) else policy)
         self.where: dict[Key, int] = {}  # resident key -> slot
         self.free = list(range(slots - 1, -1, -1))
         self.pinned: set[Key] = set()  # in use by the layer being computed: not evictable

@@ -110,16 +110,25 @@ class RoutingTrace:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def manifest_trace(pack) -> RoutingTrace | None:
-    """A trace holding only the profiled routing frequencies of the manifest (None if not profiled)."""
-    spec = pack.spec
+def profiled_popularity(pack) -> dict[tuple[int, int], float] | None:
+    """Per expert, the profiled probability that a token routes to it (its share of the layer's routed slots
+    times top-k), from the manifest; None if the pack was not profiled."""
     recs = pack.manifest.experts
     if not recs or any(r.frequency is None for r in recs):
         return None
+    return {(r.layer, r.expert): r.frequency * pack.spec.top_k for r in recs}
+
+
+def manifest_trace(pack) -> RoutingTrace | None:
+    """A trace holding only the profiled routing frequencies of the manifest (None if not profiled)."""
+    popularity = profiled_popularity(pack)
+    if popularity is None:
+        return None
+    spec = pack.spec
     trace = RoutingTrace.for_spec(spec)
     scale = 1_000_000
     for layer in trace.layers:
-        f = np.array([pack.expert(layer, e).frequency for e in range(spec.num_experts)], np.float64)
+        f = np.array([popularity.get((layer, e), 0.0) for e in range(spec.num_experts)], np.float64)
         total = f.sum()
         if total <= 0:
             continue

@@ -43,7 +43,7 @@ from moepack.runtime.cache import ExpertCache
 from moepack.runtime.executor import StreamingExecutor, expert_ffn
 from moepack.runtime.layers import apply_rope, attend, attention_mask, rms_norm
 from moepack.runtime.model import KVCache, MoeModel
-from moepack.runtime.routing_trace import RoutingTrace
+from moepack.runtime.routing_trace import RoutingTrace, profiled_popularity
 from moepack.runtime.sampling import sample
 from moepack.runtime.streamer import Streamer
 
@@ -625,7 +625,9 @@ def load_for_throughput(path, *, vram: str | int | None, batches: int, batch_siz
         pack = pm.pack
         slot_bytes = max(e.nbytes for e in pack.manifest.experts)
         slots = max(1, min(slots, len(pack.manifest.experts)))
-        cache = ExpertCache(slots, slot_bytes, pm.model.device, options.get("cache_policy", "lru"))
+        popularity = profiled_popularity(pack) if options.get("cache_prior", False) else None
+        cache = ExpertCache(slots, slot_bytes, pm.model.device, options.get("cache_policy", "lru"),
+                            layers=list(pack.spec.sparse_layer_ids), popularity=popularity)
         streamer = Streamer(pack, pm.model.device, slot_bytes, verify=options.get("verify", True))
         pm.executor = StreamingExecutor(pack, cache, streamer, backend=pm.executor.backend)
         pm.model.executor = pm.executor
