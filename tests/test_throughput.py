@@ -65,6 +65,15 @@ def test_batched_equals_single_runs(packs, reference, family, batches, slots, st
     assert res.stats.duplicate_loads == 0
 
 
+@pytest.mark.parametrize("policy", ["reuse", "fate", "lfu"])
+def test_every_cache_policy_serves_throughput_mode(packs, reference, policy):
+    """The engine's cache gets the model's layers, so the policies that need them work here too."""
+    pm = load_for_throughput(packs("mixtral"), vram=None, batches=3, slots=4, context=64, cache_policy=policy)
+    assert pm.executor.cache.policy.name == policy
+    res = generate_many(pm, prompts(), batches=3, max_new_tokens=NEW)
+    assert [r.tokens for r in res.results] == reference("mixtral")
+
+
 def test_batch_size_puts_batches_times_size_in_flight(packs, reference):
     """2 batches of 2 sequences: four sequences advance per step (the fifth waits), outputs unchanged."""
     pm = load_for_throughput(packs("mixtral"), vram=None, batches=2, batch_size=2, slots=4, context=64)
