@@ -6,7 +6,8 @@ trained toy model a 7% relative error per expert (keep 0.5) cost +0.25% perplexi
 about the same error (keep 0.8) cost +2.7% (benchmarks/bench_prefetch.py, 2026-12-02). So the targets of
 runtime/adaptive.py are scaled per model by one factor, chosen here on the calibration text:
 
-    scale = the largest of TUNE_SCALES whose worst case stays within TUNE_KL nats/token of the exact model
+    scale = the largest of TUNE_SCALES whose worst case stays within TUNE_KL nats/token of the exact model,
+            then refined by TUNE_REFINE geometric bisections towards the first scale over it
 
 where the worst case runs every approximation at once: FloE at the scaled sparse target, and every token
 whose little share reaches the scaled *fallback* threshold running only its little set (as if each of its
@@ -33,6 +34,7 @@ from moepack.runtime.adaptive import (
 TUNE_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TUNE_KL = 0.02  # nats/token, worst case; on both bench models KL 0.01 cost about 1% perplexity (bench_prefetch)
 TUNE_TOKENS = 512  # calibration tokens the tuning forwards run over
+TUNE_REFINE = 2  # bisections between the last scale within the budget and the first over it: within 2^(1/4)
 
 
 class ApproximateExecutor:
@@ -67,24 +69,43 @@ class ApproximateExecutor:
 
 
 def tune_scale(model, load, num_experts: int, calib: AdaptiveCalibration, windows: torch.Tensor,
-               *, scales=TUNE_SCALES, budget: float = TUNE_KL) -> tuple[float, list[tuple[float, float]]]:
-    """(chosen scale, [(scale, worst-case KL nats/token), ...]) for `model` (a MoeModel whose executor is
-    replaced here) on calibration `windows` [B, T]."""
+               *, scales=TUNE_SCALES, budget: float = TUNE_KL,
+               refine: int = TUNE_REFINE) -> tuple[float, list[tuple[float, float]]]:
+    """(chosen scale, [(scale, worst-case KL nats/token), ...] sorted by scale) for `model` (a MoeModel whose
+    executor is replaced here) on calibration `windows` [B, T]."""
     saved = model.executor
     try:
         model.executor = ApproximateExecutor(load, num_experts)
         ref = torch.log_softmax(model.forward(windows).float(), -1)
-        curve = []
-        for s in scales:
+
+        def worst_kl(s: float) -> float:
             model.executor = ApproximateExecutor(load, num_experts, calib.keep(s * SPARSE_ERROR),
                                                  calib.share_threshold(s * FALLBACK_ERROR))
             logp = torch.log_softmax(model.forward(windows).float(), -1)
-            curve.append((s, float((ref.exp() * (ref - logp)).sum(-1).mean())))
+            return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+        return search_scale(worst_kl, scales, budget, refine)
     finally:
         model.executor = saved
-    chosen = 0.0
-    for s, kl in curve:  # the scales up to the first one over the budget
+
+
+def search_scale(worst_kl: Callable[[float], float], scales=TUNE_SCALES, budget: float = TUNE_KL,
+                 refine: int = TUNE_REFINE) -> tuple[float, list[tuple[float, float]]]:
+    """(the largest scale up to the first over `budget`, every (scale, KL) tried, sorted): the whole grid for
+    the record, then `refine` geometric bisections between the last pass and the first failure."""
+    curve = [(s, worst_kl(s)) for s in scales]
+    chosen, over = 0.0, None
+    for s, kl in curve:
         if kl > budget:
+            over = s
             break
         chosen = s
-    return chosen, curve
+    if chosen > 0 and over is not None:  # a factor-2 grid can land up to 2x short of the budget
+        lo, hi = chosen, over
+        for _ in range(refine):
+            mid = (lo * hi) ** 0.5
+            kl = worst_kl(mid)
+            curve.append((mid, kl))
+            lo, hi = (mid, hi) if kl <= budget else (lo, mid)
+        chosen = lo
+    return chosen, sorted(curve)
