@@ -197,13 +197,17 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
     rows, aims, costs = [], [], []
     for frac in budgets:
         slots = max(exact.spec.top_k, round(frac * n_experts))
-        bound = None
+        bound = decoded = None
         for name, kw in techniques.items():
             if bound is not None and only and not re.search(only, name):
                 continue
             t0 = time.perf_counter()
             model = load(path, slots, **kw)
-            s = model.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False).stats
+            # every configuration decodes the plain run's text (teacher-forced), so bytes compare on one workload
+            run = model.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False, forced=decoded)
+            s = run.stats
+            if decoded is None:
+                decoded = run.tokens
             ppl, kl, _ = evaluate(load(path, slots, **kw), text, ref)
             if bound is None:
                 bound, static = s.belady_bytes_per_token, s.static_bytes_per_token
@@ -247,8 +251,9 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             f"{min(auto_bl.values()):.2f}..{max(auto_bl.values()):.2f}, fallback threshold "
             f"{min(auto_fb.values()):.2f}..{max(auto_fb.values()):.2f} (per layer).")
     body = (f"### {label}\n\n{auto}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.3f} MiB; "
-            f"prompt {len(prompt)} tokens, {new_tokens} decoded (bytes, hit rates and prefetch figures are over "
-            f"the decode); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
+            f"prompt {len(prompt)} tokens, {new_tokens} decoded: the plain run's greedy text, teacher-forced "
+            f"through every other configuration's decode path, so that all of them serve one workload (bytes, hit "
+            f"rates and prefetch figures are over the decode); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
             f"configuration) per token on the same text.\n\n"
             + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims + cost_lines) + "\n")
     if do_sweep:

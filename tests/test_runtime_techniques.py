@@ -243,3 +243,19 @@ def test_reuse_and_lfu_start_from_the_profiled_frequencies(calibrated, pack):
         {k: 32.0 * p for k, p in pop.items()})
     blind = budgeted(calibrated, 3, cache_policy="reuse").executor.cache.policy  # off by default
     assert blind.popularity == {} and blind.prior_tokens == 0
+
+
+def test_forced_decode_serves_a_fixed_text_with_the_same_statistics(pack, exact):
+    """generate(forced=...) decodes given tokens through the same path: on the greedy text it reproduces the
+    free run's tokens, bytes and Belady bound; an approximation then changes the bytes, not the workload."""
+    ids, _, want_tokens = exact
+    free = budgeted(pack, 3).generate(ids, max_new_tokens=6, stop_at_eos=False)
+    forced = budgeted(pack, 3).generate(ids, forced=free.tokens, stop_at_eos=False)
+    assert forced.tokens == free.tokens == want_tokens
+    assert forced.stats.bytes_moved == free.stats.bytes_moved
+    assert forced.stats.belady_bytes_decode == free.stats.belady_bytes_decode
+    model = budgeted(pack, 3)
+    other = [(t + 1) % model.spec.vocab_size for t in want_tokens]
+    assert model.generate(ids, forced=other, stop_at_eos=False).tokens == other
+    little = budgeted(pack, 3, adaptive_k=0.5).generate(ids, forced=free.tokens, stop_at_eos=False)
+    assert little.tokens == free.tokens and little.stats.expert_calls < free.stats.expert_calls

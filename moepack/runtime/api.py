@@ -169,8 +169,13 @@ class MoePackModel:
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
-                 stop_at_eos: bool = True) -> Generation:
+                 stop_at_eos: bool = True, forced: list[int] | None = None) -> Generation:
+        """Sample up to `max_new_tokens` tokens after `prompt`. `forced`: decode these tokens instead of sampled
+        ones (teacher forcing through the decode path, with the same statistics), so that configurations whose
+        approximations would change the text are measured on one workload."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if forced is not None:
+            max_new_tokens = len(forced)
         if not ids:
             raise MoepackError("the prompt is empty")
         if len(ids) + max_new_tokens > self.context:
@@ -190,7 +195,8 @@ class MoePackModel:
             self._trace_mark = len(self.executor.trace)
             t_decode = None
             for step in range(max_new_tokens):
-                token = sample(logits[-1], temperature=temperature, top_p=top_p, generator=gen)
+                token = forced[step] if forced is not None else sample(logits[-1], temperature=temperature,
+                                                                       top_p=top_p, generator=gen)
                 if step == 0:
                     stats.ttft_s = time.perf_counter() - t0
                     t_decode = time.perf_counter()
