@@ -20,7 +20,7 @@ from moepack.kernels import Backend
 from moepack.runtime.adaptive import AdaptiveCalibration, parse_fraction
 from moepack.runtime.belady import belady, static_best
 from moepack.runtime.budget import BudgetPlan, plan_budget
-from moepack.runtime.cache import ExpertCache, make_policy
+from moepack.runtime.cache import ExpertCache, Policy, make_policy
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB, StreamingExecutor
 from moepack.runtime.model import KVCache, MoeModel, storage_dtype, widens_on
 from moepack.runtime.prefetch import FatePrefetcher, parse_prefetch
@@ -55,6 +55,15 @@ def parse_dtype(value: torch.dtype | str | None, device: torch.device) -> torch.
     if name not in DTYPE_NAMES:
         raise MoepackError(f"unknown compute dtype {value!r}; choose auto, float32, bfloat16 or float16")
     return DTYPE_NAMES[name]
+
+
+def expert_cache(pack: Pack, slots: int, device: torch.device, policy: Policy | str = "lru", *,
+                 cache_prior: bool = False) -> ExpertCache:
+    """The pack's expert cache: `slots` slots of its largest expert, the policy told the model's sparse layers
+    (and, with `cache_prior`, the profiled routing frequencies)."""
+    return ExpertCache(slots, max(e.nbytes for e in pack.manifest.experts), device, policy,
+                       layers=list(pack.spec.sparse_layer_ids),
+                       popularity=profiled_popularity(pack) if cache_prior else None)
 
 
 def workspace_bytes(spec, dtype: torch.dtype) -> int:
@@ -115,9 +124,8 @@ class MoePackModel:
             fallback = auto_fb if fallback == "auto" else fallback
             sparse_keep = auto_keep if sparse_keep == "auto" else sparse_keep
         spec = pack.spec
-        layers = list(spec.sparse_layer_ids)
-        if isinstance(cache_policy, str):
-            make_policy(cache_policy, slots=len(pack.manifest.experts), layers=layers)  # a bad name fails early
+        if isinstance(cache_policy, str):  # a bad name fails early
+            make_policy(cache_policy, slots=len(pack.manifest.experts), layers=list(spec.sparse_layer_ids))
         dev = pick_device(device)
         dtype = parse_dtype(dtype, dev)
         kernel = Backend.parse(backend)
@@ -132,8 +140,7 @@ class MoePackModel:
                 None if vram is None else parse_size(vram), dense_bytes=dense_bytes,
                 kv_bytes=KVCache.bytes_per_token(spec, dtype) * context, workspace_bytes=workspace_bytes(spec, dtype),
                 slot_bytes=slot_bytes, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)
-            popularity = profiled_popularity(pack) if cache_prior else None
-            cache = ExpertCache(budget.slots, slot_bytes, dev, cache_policy, layers=layers, popularity=popularity)
+            cache = expert_cache(pack, budget.slots, dev, cache_policy, cache_prior=cache_prior)
             streamer = Streamer(pack, dev, slot_bytes, verify=verify)
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
                                      sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev,

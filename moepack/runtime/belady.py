@@ -7,6 +7,7 @@ on a miss with a full cache, the resident key whose next use is farthest away (n
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,8 +99,6 @@ def independent_bound(trace: Sequence[Key], slots: int, top_k: int, *, start: in
     Under independent routing the best static cache is what the best online policy can expect (it knows the
     probabilities, not the order), so static / MIN here is how close to Belady any online policy could come on
     routing with these frequencies and no memory: a ratio above an aim means caching alone cannot meet it."""
-    import random
-
     segment = trace[min(max(start, 0), len(trace)):]
     counts: dict[int, dict[int, int]] = {}
     for layer, e in segment:

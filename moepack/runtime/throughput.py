@@ -38,12 +38,11 @@ import numpy as np
 import torch
 
 from moepack.errors import MoepackError
-from moepack.runtime.api import PREFILL_CHUNK, MoePackModel
-from moepack.runtime.cache import ExpertCache
+from moepack.runtime.api import PREFILL_CHUNK, MoePackModel, expert_cache
 from moepack.runtime.executor import StreamingExecutor, expert_ffn
 from moepack.runtime.layers import apply_rope, attend, attention_mask, rms_norm
 from moepack.runtime.model import KVCache, MoeModel
-from moepack.runtime.routing_trace import RoutingTrace, profiled_popularity
+from moepack.runtime.routing_trace import RoutingTrace
 from moepack.runtime.sampling import sample
 from moepack.runtime.streamer import Streamer
 
@@ -623,12 +622,10 @@ def load_for_throughput(path, *, vram: str | int | None, batches: int, batch_siz
         slots = len(pm.pack.manifest.experts)
     if slots is not None:
         pack = pm.pack
-        slot_bytes = max(e.nbytes for e in pack.manifest.experts)
         slots = max(1, min(slots, len(pack.manifest.experts)))
-        popularity = profiled_popularity(pack) if options.get("cache_prior", False) else None
-        cache = ExpertCache(slots, slot_bytes, pm.model.device, options.get("cache_policy", "lru"),
-                            layers=list(pack.spec.sparse_layer_ids), popularity=popularity)
-        streamer = Streamer(pack, pm.model.device, slot_bytes, verify=options.get("verify", True))
+        cache = expert_cache(pack, slots, pm.model.device, options.get("cache_policy", "lru"),
+                             cache_prior=options.get("cache_prior", False))
+        streamer = Streamer(pack, pm.model.device, cache.slot_bytes, verify=options.get("verify", True))
         pm.executor = StreamingExecutor(pack, cache, streamer, backend=pm.executor.backend)
         pm.model.executor = pm.executor
     return pm
