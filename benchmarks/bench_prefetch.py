@@ -30,7 +30,7 @@ import torch
 from benchmarks.report import markdown_table, update_section
 from moepack.runtime.adaptive import AdaptiveCalibration
 from moepack.runtime.api import MoePackModel
-from moepack.runtime.belady import independent_bound
+from moepack.runtime.belady import belady, independent_bound, lookahead
 from moepack.runtime.executor import FALLBACK_SHARE, PREFETCH_MIN_PROB
 
 CACHE = Path.home() / ".cache" / "moepack"
@@ -141,14 +141,25 @@ def evaluate(model: MoePackModel, ids: list[int], ref: torch.Tensor | None = Non
     return ppl, kl, logp
 
 
-def independent_ratio(plain: MoePackModel, new_tokens: int) -> float:
+def independent_ratio(plain: MoePackModel) -> float:
     """Best static over Belady misses on a trace resampled with the plain run's decode frequencies and routing
     drawn independently per token (belady.independent_bound): how close to MIN an online policy that knew the
     frequencies could get if routing had no memory. Every decode token routes top-k in each sparse layer."""
     trace, spec = plain.executor.trace, plain.spec
-    start = len(trace) - (new_tokens - 1) * spec.top_k * len(spec.sparse_layer_ids)
-    opt, static = independent_bound(trace, plain.executor.cache.slots, spec.top_k, start=start)
+    opt, static = independent_bound(trace, plain.executor.cache.slots, spec.top_k, start=plain._trace_mark)
     return static.misses / opt.misses
+
+
+FORESIGHT = (0, 1, 2, 4, 8, 16)  # tokens of exact future routing
+
+
+def foresight(plain: MoePackModel) -> list[float]:
+    """Misses of the reuse policy told the exact routing of the next W tokens (Belady with a horizon of W,
+    belady.lookahead), over MIN's, on the plain run's decode, for each W in FORESIGHT."""
+    trace, spec, slots, start = plain.executor.trace, plain.spec, plain.executor.cache.slots, plain._trace_mark
+    opt = belady(trace, slots, start=start).misses
+    layers = list(spec.sparse_layer_ids)
+    return [lookahead(trace, slots, layers, spec.top_k, w, start=start).misses / opt for w in FORESIGHT]
 
 
 def sweep(path: Path, text: list[int], ppl0: float, ref: torch.Tensor, slots: int) -> str:
@@ -194,7 +205,7 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
         what = f"{len(text)} tokens of its own sampled text"
     ppl0, _, ref = evaluate(exact, text)
     n_experts = len(exact.pack.manifest.experts)
-    rows, aims, costs = [], [], []
+    rows, aims, costs, ahead = [], [], [], []
     for frac in budgets:
         slots = max(exact.spec.top_k, round(frac * n_experts))
         bound = decoded = None
@@ -211,7 +222,8 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             ppl, kl, _ = evaluate(load(path, slots, **kw), text, ref)
             if bound is None:
                 bound, static = s.belady_bytes_per_token, s.static_bytes_per_token
-                independent = independent_ratio(model, new_tokens)
+                independent = independent_ratio(model)
+                ahead.append([f"{frac:.0%} ({slots} slots)"] + [f"{r:.2f}x" for r in foresight(model)])
             pr = "-" if s.prefetch_precision is None else f"{s.prefetch_precision:.2f} / {s.prefetch_recall:.2f}"
             ratio = s.bytes_moved_per_token / bound if bound else float("nan")
             change = 100 * (ppl / ppl0 - 1)
@@ -255,7 +267,12 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             f"through every other configuration's decode path, so that all of them serve one workload (bytes, hit "
             f"rates and prefetch figures are over the decode); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
             f"configuration) per token on the same text.\n\n"
-            + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims + cost_lines) + "\n")
+            + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims + cost_lines) + "\n\n"
+            "Foresight: misses of the reuse policy told the exact routing of the next W tokens (Belady's MIN "
+            "with a horizon of W tokens, moepack.runtime.belady.lookahead), over MIN's, on the plain run's "
+            "decode at the same slots, no approximations. W = 1 is a perfect next-layer predictor (every layer "
+            "of the current token); W > 1 needs tokens not generated yet, which no decoder has:\n\n"
+            + markdown_table(["budget"] + [f"W = {w}" for w in FORESIGHT], ahead) + "\n")
     if do_sweep:
         body += "\n" + sweep(path, text, ppl0, ref, max(exact.spec.top_k, round(0.25 * n_experts)))
     return body

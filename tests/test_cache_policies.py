@@ -7,7 +7,15 @@ import random
 import pytest
 import torch
 
-from moepack.runtime.belady import belady, independent_bound, next_uses, simulate, static_best
+from moepack.runtime.belady import (
+    belady,
+    independent_bound,
+    lookahead,
+    next_uses,
+    simulate,
+    static_best,
+    visits,
+)
 from moepack.runtime.cache import LFU, ExpertCache, FateQuota, Reuse, quotas_from_recall, shallow_quotas
 
 
@@ -130,6 +138,39 @@ def test_independent_bound_resamples_the_frequencies_and_orders_the_bounds():
     assert one_token.misses == 4 * 100
 
 
+def test_lookahead_needs_a_horizon_to_beat_a_cycle():
+    # one layer, one expert per token, a cycle of 3 through 2 slots: the policy alone ranks by decayed
+    # frequency, nearly equal, and often evicts the key needed next; a horizon of 2 tokens sees it (MIN)
+    trace = [(0, e % 3) for e in range(60)]
+    assert lookahead(trace, 2, [0], 1, 0, start=3).misses > 35
+    assert lookahead(trace, 2, [0], 1, 2, start=3).misses == belady(trace, 2, start=3).misses == 28
+    res = lookahead(trace, 2, [0], 1, 2, start=3, nbytes=lambda k: 10)
+    assert res.accesses == 57 and res.bytes == 10 * res.misses
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lookahead_between_the_policy_and_belady(seed):
+    rng = random.Random(seed)
+    trace = []
+    for _ in range(150):
+        for layer in range(3):
+            trace += [(layer, e) for e in sorted(rng.sample(range(6), 2 if layer else 1))]
+    start = 30
+    for slots in (3, 6, 10):
+        opt = belady(trace, slots, start=start).misses
+        curve = [lookahead(trace, slots, [0, 1, 2], 2, w, start=start).misses for w in (0, 1, 4, 200)]
+        assert all(opt <= m for m in curve), (slots, curve)
+        assert curve[-1] < curve[0] or curve[0] == opt, (slots, curve)  # foresight helps
+    single = [(0, rng.randrange(5)) for _ in range(300)]  # one access per visit: a full horizon is MIN itself
+    assert lookahead(single, 3, [0], 1, 300, start=10).misses == belady(single, 3, start=10).misses
+
+
+def test_visits_cut_runs_of_one_layer_and_at_start():
+    trace = [(0, 1), (0, 2), (1, 0), (0, 3), (0, 4)]
+    assert visits(trace) == [(0, [(0, 1), (0, 2)], 0), (1, [(1, 0)], 2), (0, [(0, 3), (0, 4)], 3)]
+    assert [v[2] for v in visits(trace, start=1)] == [0, 1, 2, 3]
+
+
 def test_next_uses():
     assert next_uses([(0, 1), (0, 2), (0, 1)]) == [2, 1 << 62, 1 << 62]
 
@@ -162,6 +203,26 @@ def test_reuse_evicts_the_farthest_expected_next_use():
     assert pol.victim([(0, 0), (1, 0), (2, 1)]) == (2, 1)  # just used layer, never routed: farthest
     pol.hint((2, 1), 1.0)  # predicted for certain at its next visit: now only the cycle distance counts
     assert pol.distance((2, 1)) == pytest.approx(3.0)
+
+
+def test_beyond_judges_a_prediction_by_its_uses_after_the_predicted_one():
+    """A rare expert predicted for certain at the next layer is worth prefetching for that use alone, but not
+    worth keeping after it: `beyond` (partial loads, which serve the predicted use with a cheaper read) says no,
+    as its demand miss would. The base policy then counts it as a demand use, ignoring the prediction."""
+    pol = Reuse([0, 1])
+    for _ in range(20):
+        pol.visit(0, {0: 1}, 1)
+        pol.visit(1, {0: 1, 1: 1}, 1)
+    # standing at layer 1: (0, 3) was never routed, (1, 1) is routed every token
+    assert pol.admit((0, 3), (1, 1), prob=1.0)
+    assert not pol.admit((0, 3), (1, 1), prob=1.0, beyond=True)
+    assert pol.distance((0, 3), beyond=True) == pytest.approx(1 + 2 / pol.prob((0, 3)))
+    base = LFU()
+    base.access((0, 1))
+    assert not base.admit((0, 2), (0, 1), prob=0.5) and not base.admit((0, 2), (0, 1), prob=0.5, beyond=True)
+    base.uses[(0, 2)] = 0.5
+    assert base.admit((0, 2), (0, 1), prob=0.6) and base.admit((0, 2), (0, 1), prob=0.4, beyond=True)
+    assert not base.admit((0, 2), (0, 1), prob=0.4)
 
 
 def test_profiled_popularity_ranks_experts_before_any_use():

@@ -175,6 +175,25 @@ def test_partial_loads_move_fewer_bytes_with_the_same_numbers(pack, exact):
     assert per_miss < max(e.nbytes for e in part.pack.manifest.experts)
 
 
+@pytest.mark.parametrize("partial", [False, True])
+def test_prefetch_under_partial_loads_asks_whether_the_expert_is_worth_keeping(pack, exact, partial):
+    """Under partial loads a predicted expert's demand miss would read only its kept rows, so a whole-expert
+    prefetch is admitted only if the policy would keep the expert after that use (`beyond`)."""
+    ids, _, _ = exact
+    model = budgeted(pack, 3, prefetch="fate", prefetch_min_prob=0.0, cache_policy="reuse", sparse_channels=0.5,
+                     partial_loads=partial)
+    asked, real = [], model.executor.cache.policy.admit
+
+    def admit(incoming, victim, prob=None, beyond=False):
+        if prob is not None:
+            asked.append(beyond)
+        return real(incoming, victim, prob, beyond)
+
+    model.executor.cache.policy.admit = admit
+    model.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    assert asked and set(asked) == {partial}
+
+
 @pytest.fixture(scope="module")
 def calibrated(baby, tmp_path_factory):
     """The same pack compressed with calibration: its meta carries what `auto` reads."""

@@ -119,6 +119,70 @@ def independent_bound(trace: Sequence[Key], slots: int, top_k: int, *, start: in
     return belady(synthetic, slots), static_best(synthetic, slots)
 
 
+def visits(trace: Sequence[Key], start: int = 0) -> list[tuple[int, list[Key], int]]:
+    """The trace cut into layer visits: (layer, its keys, index of the first) for each run of one layer (the
+    executor records a visit's experts together), with a cut at `start` too."""
+    out: list[tuple[int, list[Key], int]] = []
+    for i, key in enumerate(trace):
+        if out and out[-1][0] == key[0] and i != start:
+            out[-1][1].append(key)
+        else:
+            out.append((key[0], [key], i))
+    return out
+
+
+def lookahead(trace: Sequence[Key], slots: int, layers: Sequence[int], top_k: int, tokens_ahead: int, *,
+              start: int = 0, nbytes: Callable[[Key], int] | None = None) -> BeladyResult:
+    """Misses on trace[start:] of the reuse policy (moepack.runtime.cache.Reuse) told the exact routing of the
+    next `tokens_ahead` tokens: Belady's MIN with that horizon. On a miss it evicts, among the resident keys
+    not used within the horizon, the one the policy expects farthest away; if every one is used within it, the
+    one used last (MIN's choice). 0: the policy alone; 1: it knows every layer of the current token (a perfect
+    next-layer predictor); more: foresight of tokens not generated yet, which no decoder has. The curve shows
+    how much of MIN's advantage needs knowledge of future tokens. Every decode token visits each layer
+    once; the cache starts at `start` with MIN's free warm set and the policy's frequencies from the prefix
+    (each prefix visit counted as len / top_k tokens)."""
+    from moepack.runtime.cache import Reuse
+
+    if slots < 1:
+        raise ValueError("lookahead needs at least one slot")
+    start = min(max(start, 0), len(trace))
+    nxt = next_uses(trace)
+    upcoming: dict[Key, int] = {}
+    for i in range(start):
+        upcoming[trace[i]] = nxt[i]
+    resident = {key for key, _ in sorted(upcoming.items(), key=lambda kv: kv[1])[:slots]}
+    policy = Reuse(list(layers))
+    window = tokens_ahead * len(layers) * top_k  # accesses: a decode token routes top_k experts per layer
+    misses = moved = 0
+    for layer, keys, first in visits(trace, start):
+        decode = first >= start
+        uses: dict[int, int] = {}
+        for key in keys:
+            uses[key[1]] = uses.get(key[1], 0) + 1
+        policy.visit(layer, uses, 1 if decode else max(1, round(len(keys) / top_k)))
+        if not decode:
+            continue
+        for j, key in enumerate(keys):
+            i = first + j
+            policy.access(key)
+            if key in resident:
+                policy.touch(key)
+                continue
+            misses += 1
+            moved += nbytes(key) if nbytes is not None else 0
+            if len(resident) >= slots:
+                candidates = [k for k in resident if k not in keys] or [k for k in resident if k != key]
+                ahead: dict[Key, int] = {}  # first use of each key within the horizon
+                for n, k in enumerate(trace[i:i + window]):
+                    ahead.setdefault(k, n)
+                victim = max(candidates, key=lambda k: (ahead.get(k, NEVER), policy.distance(k)))
+                resident.discard(victim)
+                policy.remove(victim)
+            resident.add(key)
+            policy.insert(key)
+    return BeladyResult(len(trace) - start, misses, moved)
+
+
 def simulate(trace: Sequence[Key], slots: int, policy: str = "lru", **kw) -> int:
     """Misses of an online policy (moepack.runtime.cache) on the same trace, for comparison with MIN."""
     from moepack.runtime.cache import make_policy

@@ -18,10 +18,12 @@ class Policy:
     counting as a use. `visit` tells it a layer is about to run (with each routed expert's token count), `hint`
     that a key will be used at its layer's next visit with probability `prob` (a next-layer prediction).
 
-    `admit(incoming, victim, prob)`: is `incoming` worth more in the cache than `victim`, the key it would
-    evict? It decides whether a prediction is prefetched and whether a miss under partial loads is cached
-    (otherwise it streams only the rows it needs). The default compares decayed use counts (TinyLFU-style
-    admission), for a prediction its count scaled up by `prob`; policies that estimate reuse override it."""
+    `admit(incoming, victim, prob, beyond)`: is `incoming` worth more in the cache than `victim`, the key it
+    would evict? It decides whether a prediction is prefetched and whether a miss under partial loads is cached
+    (otherwise it streams only the rows it needs). `beyond`: judge a prediction by its uses after the predicted
+    one, as its demand miss would be judged (under partial loads that use is served either way, by a cheaper
+    partial read). The default compares decayed use counts (TinyLFU-style admission), for a prediction its
+    count scaled up by `prob`; policies that estimate reuse override it."""
 
     name = "base"
 
@@ -46,8 +48,8 @@ class Policy:
             self.uses = {k: v / 2 for k, v in self.uses.items() if v >= 0.25}
         self.uses[key] = self.uses.get(key, 0.0) + 1.0
 
-    def admit(self, incoming: Key, victim: Key, prob: float | None = None) -> bool:
-        mine = self.uses.get(incoming, 0.0) + (1.0 if prob is None else prob)  # this use (or the predicted one)
+    def admit(self, incoming: Key, victim: Key, prob: float | None = None, beyond: bool = False) -> bool:
+        mine = self.uses.get(incoming, 0.0) + (1.0 if prob is None or beyond else prob)  # this use (or predicted)
         return mine > self.uses.get(victim, 0.0)
 
 
@@ -202,12 +204,15 @@ class Reuse(Policy):
         f = self.freq.get(key[0], {}).get(key[1], 0.0) + self.prior_tokens * self.popularity.get(key, 0.0)
         return (f + self.prior) / (self.tokens.get(key[0], 0.0) + self.prior_tokens + 1.0)
 
-    def distance(self, key: Key, first: float | None = None) -> float:
-        """Expected layer steps until the key's next use (`first`: its probability at the next visit)."""
+    def distance(self, key: Key, first: float | None = None, beyond: bool = False) -> float:
+        """Expected layer steps until the key's next use (`first`: its probability at the next visit;
+        `beyond`: its first use after the next visit, d + n / p)."""
         if self.cur is None or key[0] not in self.pos:
             return float(-self.last.get(key, 0))  # never told which layer runs: plain LRU
         d = (self.pos[key[0]] - self.pos[self.cur]) % self.n or self.n
         p = min(self.prob(key), 1.0)
+        if beyond:
+            return d + self.n / p
         p1 = self.hints.get(key, p) if first is None else first
         return d + (1.0 - p1) * self.n / p
 
@@ -227,8 +232,8 @@ class Reuse(Policy):
     def victim(self, candidates: list[Key], incoming: Key | None = None) -> Key:
         return max(candidates, key=lambda k: (self.distance(k), -self.last.get(k, 0)))
 
-    def admit(self, incoming: Key, victim: Key, prob: float | None = None) -> bool:
-        return self.distance(incoming, prob) < self.distance(victim)
+    def admit(self, incoming: Key, victim: Key, prob: float | None = None, beyond: bool = False) -> bool:
+        return self.distance(incoming, prob, beyond) < self.distance(victim)
 
 
 def shallow_quotas(slots: int, layers: list[int], strength: float = 1.0) -> dict[int, float]:
@@ -361,13 +366,14 @@ class ExpertCache:
         candidates = [k for k in self.where if k not in self.pinned]
         return self.policy.victim(candidates, key) if candidates else None
 
-    def admits(self, key: Key, prob: float | None = None) -> bool:
+    def admits(self, key: Key, prob: float | None = None, *, beyond: bool = False) -> bool:
         """Whether loading `key` now is worth what it would evict (True with a free slot; False if every slot
-        is pinned). `prob`: `key` is a prediction with that probability, not a demand use."""
+        is pinned). `prob`: `key` is a prediction with that probability, not a demand use; `beyond`: judge it
+        by its uses after the predicted one (see Policy)."""
         if key in self.where or self.free:
             return True
         victim = self.would_evict(key)
-        return victim is not None and self.policy.admit(key, victim, prob)
+        return victim is not None and self.policy.admit(key, victim, prob, beyond)
 
     def refresh(self, key: Key) -> bool:
         """Mark a resident key as wanted soon (no hit counted). False if it is not resident."""

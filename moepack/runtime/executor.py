@@ -169,7 +169,9 @@ class StreamingExecutor:
                 continue
             if len(cache.pinned) >= cache.slots:
                 break
-            if not cache.admits(key, prob):
+            # under partial loads its demand miss, if the policy would not keep it, reads only the kept rows: a
+            # whole-expert prefetch is then worth its bytes only if the expert is worth keeping after this use
+            if not cache.admits(key, prob, beyond=self.partial_loads and self.keep_for(key) is not None):
                 self.counts["prefetch_not_admitted"] += 1
                 continue
             self.load(key, prefetch=True)
