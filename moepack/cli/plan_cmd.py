@@ -49,10 +49,13 @@ def make_plan(pack: str, *, vram: str, link_gbps=None, device_tflops=None, mem_g
     trace = manifest_trace(pm.pack)
     if trace is None and trace_count > 0:
         trace = collect_trace(pm, trace_prompts(pm, trace_count), max_new_tokens=8)
-    hw = measure_hardware(pm, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps)
     shape = ModelShape.from_pack(pm.pack, trace=trace, dtype=pm.model.dtype, device=pm.model.device)
-    if device_tflops is None and not on_cuda and shape.total_experts * shape.expert_bytes + shape.dense_bytes <= budget:
-        # every expert fits the budget: calibrate the engine's overheads on short runs with all of them resident
+    # every expert fits the budget: calibrate the engine's overheads (and its overlap) on short runs
+    calibrate = (device_tflops is None and not on_cuda
+                 and shape.total_experts * shape.expert_bytes + shape.dense_bytes <= budget)
+    hw = measure_hardware(pm, link_gbps=link_gbps, device_tflops=device_tflops, mem_gbps=mem_gbps,
+                          measure_overlap=not calibrate)
+    if calibrate:
         from moepack.runtime.planner import calibrate_engine
         from moepack.runtime.throughput import load_for_throughput
 

@@ -12,7 +12,10 @@ policies that estimate reuse (`reuse`) can follow the layer cycle.
 Prefetches are gated: a prediction comes with a probability (the prefetcher's measured hit rate for that
 kind of prediction); below `prefetch_min_prob` it is only a hint to the policy, and a prediction is loaded
 only when the policy admits it over the expert it would evict (`ExpertCache.admits`), so a prefetch never
-displaces an expert the policy values more.
+displaces an expert the policy values more. Under partial loads the predicted use would be served by a
+cheaper partial read anyway, so a prediction is admitted only if the expert is worth keeping after that use
+(`beyond`): a whole-expert prefetch of an expert the policy would not cache moved up to twice the bytes of
+the partial reads it replaced (toy model, 25% budget).
 
 Optional adaptive execution (runtime/adaptive.py): big-little routing (`big_little` threshold; a token whose
 little share is at least `fallback` also drops a big expert that is not resident, see `_fallback`) and FloE

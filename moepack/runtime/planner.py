@@ -393,8 +393,9 @@ def measure_link(pack, device: torch.device, *, experts: int = 32, repeats: int 
 
 
 def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float | None = None,
-                     mem_gbps: float | None = None, repeats: int = 9) -> Hardware:
-    """Measure (or take) the hardware numbers for a loaded MoePackModel `pm`."""
+                     mem_gbps: float | None = None, repeats: int = 9, measure_overlap: bool = True) -> Hardware:
+    """Measure (or take) the hardware numbers for a loaded MoePackModel `pm`. `measure_overlap=False` skips the
+    copy/compute overlap microbenchmark (taken as 1) when `calibrate_engine` will fit the overlap instead."""
     model, pack, spec = pm.model, pm.pack, pm.spec
     dev = model.device
     key = next(iter(pack.expert_records))
@@ -423,7 +424,7 @@ def measure_hardware(pm, *, link_gbps: float | None = None, device_tflops: float
         fixed, token = _linear_fit(expert_curve)  # the 1- and 8-token points, for displays and on-paper use
         dense_fixed, dense_token = _linear_fit(dense_curve)
         sources.append("compute measured")
-    overlap = 1.0 if dev.type == "cuda" else _measure_overlap(pm, projs, backend)
+    overlap = _measure_overlap(pm, projs, backend) if measure_overlap and dev.type != "cuda" else 1.0
     return Hardware(link_gbps=link_gbps, expert_fixed_s=fixed, expert_token_s=token, dense_token_s=dense_token,
                     head_token_s=head_token, overlap=overlap, dense_fixed_s=dense_fixed, source=", ".join(sources),
                     expert_curve=expert_curve, dense_curve=dense_curve)
