@@ -6,8 +6,8 @@
 For each model (the trained toy model when it is cached, see `python -m moepack.testing.toymodel`; and a
 generated Mixtral-layout model with random weights, compressed to q4g32, cached under ~/.cache/moepack/bench)
 and each expert budget (a fraction of the expert slots), every technique alone and all together, against
-plain LRU on demand: cache hit rate, expert bytes moved per decoded token (prefetches and partial loads
-included), prefetch precision/recall, decode tokens/s, and the perplexity change relative to the exact
+plain LRU on demand, over a session of three prompts: cache hit rate, expert bytes moved per decoded token
+(prefetches, streamed misses and partial loads included), prefetch precision/recall, decode tokens/s, and the perplexity change relative to the exact
 (unbudgeted) model. Perplexity is teacher-forced token by token through the budgeted cache (the decode path,
 so big-little's fallback acts as it does while generating): on held-out text (valid.txt) for the trained
 model, on the exact model's own sampled text for the random one. `Belady` is the optimal cache's bytes/token
@@ -23,11 +23,13 @@ import math
 import re
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from benchmarks.report import markdown_table, update_section
+from moepack.profile.tune import TUNE_KL
 from moepack.runtime.adaptive import AdaptiveCalibration
 from moepack.runtime.api import MoePackModel
 from moepack.runtime.belady import belady, independent_bound, lookahead
@@ -42,15 +44,17 @@ def configs(k: float, keep: float, fallback: float) -> dict[str, dict]:
     """Every technique alone, then all together (`all`: the `auto` thresholds the pack's profile gives), and
     all together with one fixed big-little threshold `k`, FloE keep fraction `keep` and fallback threshold
     `fallback` for every model."""
-    every = dict(cache_policy="reuse", prefetch="fate", adaptive_k="auto", fallback="auto", sparse_channels="auto",
-                 partial_loads=True)
+    every = dict(cache_policy="reuse", bypass=True, prefetch="fate", adaptive_k="auto", fallback="auto",
+                 sparse_channels="auto", partial_loads=True)
     return {
-        "LRU on demand (baseline)": dict(),
+        "LRU on demand (baseline)": dict(cache_policy="lru"),
         "LFU": dict(cache_policy="lfu"),
         "LFU + profiled prior": dict(cache_policy="lfu", cache_prior=True),
         "Fate quotas (policy)": dict(cache_policy="fate"),
         "reuse distance (policy)": dict(cache_policy="reuse"),
         "reuse distance + profiled prior": dict(cache_policy="reuse", cache_prior=True),
+        "LRU + bypass": dict(bypass=True),
+        "reuse distance + bypass": dict(cache_policy="reuse", bypass=True),
         "Fate prefetch": dict(prefetch="fate"),
         "Fate prefetch, ungated": dict(prefetch="fate", prefetch_min_prob=0.0),
         f"big-little {k}, fallback {fallback}": dict(adaptive_k=k, fallback=fallback),
@@ -85,7 +89,7 @@ def calibration_file() -> Path:
 
 def random_pack() -> tuple[str, Path, None]:
     name = "prefetch-random-h512-i1024-l8-e16-q4g32"
-    out = CACHE / "bench" / f"{name}-cal.moepack"
+    out = CACHE / "bench" / f"{name}-cal-kl{TUNE_KL:g}.moepack"  # packs carry the `auto` tuning of their time
     if not out.exists():
         from moepack.compress import compress
         from moepack.testing.checkpoints import make_random_checkpoint
@@ -103,7 +107,7 @@ def toy_pack() -> tuple[str, Path, Path] | None:
     src = toy_model_dir(resolve_recipe("small"))
     if read_meta(src) is None:
         return None
-    out = CACHE / "bench" / f"prefetch-toy-{src.name}-q4g32-cal.moepack"
+    out = CACHE / "bench" / f"prefetch-toy-{src.name}-q4g32-cal-kl{TUNE_KL:g}.moepack"
     if not out.exists():
         from moepack.compress import compress
 
@@ -141,25 +145,67 @@ def evaluate(model: MoePackModel, ids: list[int], ref: torch.Tensor | None = Non
     return ppl, kl, logp
 
 
-def independent_ratio(plain: MoePackModel) -> float:
-    """Best static over Belady misses on a trace resampled with the plain run's decode frequencies and routing
-    drawn independently per token (belady.independent_bound): how close to MIN an online policy that knew the
-    frequencies could get if routing had no memory. Every decode token routes top-k in each sparse layer."""
-    trace, spec = plain.executor.trace, plain.spec
-    opt, static = independent_bound(trace, plain.executor.cache.slots, spec.top_k, start=plain._trace_mark)
-    return static.misses / opt.misses
+PROMPTS = ("To be, or not to be, that is the question: whether 'tis nobler in the mind",
+           "Now is the winter of our discontent made glorious summer by this sun of York",
+           "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.")
+
+
+@dataclass
+class Workload:
+    """One configuration's decode statistics summed over the prompts (each prompt's Belady and static bounds on
+    its own trace, so the ratios are of sums)."""
+
+    steps: int = 0
+    decode_s: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    moved: int = 0
+    belady: int = 0
+    static: int = 0
+    predicted: int = 0  # prefetch predictions, their hits, and the experts routed
+    predicted_hits: int = 0
+    routed: int = 0
+    bound_misses: list = field(default_factory=list)  # per prompt: [MIN misses, best static on a resampled trace]
+    ahead: list = field(default_factory=list)  # per prompt: misses of the policy told W tokens ahead, per W
+
+    def add(self, model: MoePackModel, run, bounds: bool) -> None:
+        s = run.stats
+        self.steps += s.tokens - 1
+        self.decode_s += s.decode_s
+        self.hits += s.cache_hits
+        self.misses += s.cache_misses
+        self.moved += s.bytes_moved_decode
+        self.belady += s.belady_bytes_decode
+        self.static += s.static_bytes_decode
+        if model.prefetcher is not None:
+            score = model.prefetcher.score
+            self.predicted, self.predicted_hits = self.predicted + score.predicted, self.predicted_hits + score.hits
+            self.routed += score.actual
+        if bounds:
+            trace, spec, slots, start = model.executor.trace, model.spec, model.executor.cache.slots, model._trace_mark
+            opt, static = independent_bound(trace, slots, spec.top_k, start=start)
+            self.bound_misses.append([opt.misses, static.misses])
+            layers = list(spec.sparse_layer_ids)
+            self.ahead.append([lookahead(trace, slots, layers, spec.top_k, w, start=start).misses for w in FORESIGHT]
+                              + [belady(trace, slots, start=start).misses])
+
+    def per_step(self, nbytes: int) -> float:
+        return nbytes / self.steps
+
+    @property
+    def independent(self) -> float:
+        """Best static over MIN on traces resampled with each prompt's decode frequencies but no memory from
+        token to token (belady.independent_bound): how close to MIN an online policy that knew the frequencies
+        could get if routing had no memory."""
+        return sum(s for _, s in self.bound_misses) / sum(o for o, _ in self.bound_misses)
+
+    def foresight(self) -> list[float]:
+        """Misses of the reuse policy told the next W tokens' routing (belady.lookahead) over MIN's, per W."""
+        opt = sum(a[-1] for a in self.ahead)
+        return [sum(a[i] for a in self.ahead) / opt for i in range(len(FORESIGHT))]
 
 
 FORESIGHT = (0, 1, 2, 4, 8, 16)  # tokens of exact future routing
-
-
-def foresight(plain: MoePackModel) -> list[float]:
-    """Misses of the reuse policy told the exact routing of the next W tokens (Belady with a horizon of W,
-    belady.lookahead), over MIN's, on the plain run's decode, for each W in FORESIGHT."""
-    trace, spec, slots, start = plain.executor.trace, plain.spec, plain.executor.cache.slots, plain._trace_mark
-    opt = belady(trace, slots, start=start).misses
-    layers = list(spec.sparse_layer_ids)
-    return [lookahead(trace, slots, layers, spec.top_k, w, start=start).misses / opt for w in FORESIGHT]
 
 
 def sweep(path: Path, text: list[int], ppl0: float, ref: torch.Tensor, slots: int) -> str:
@@ -195,57 +241,61 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
                 valid: Path | None = None, eval_tokens: int = 512, only: str | None = None,
                 do_sweep: bool = True) -> str:
     exact = load(path, None)
-    prompt = exact.encode("To be, or not to be, that is the question: whether 'tis nobler in the mind")[:24]
+    prompts = [exact.encode(p)[:24] for p in PROMPTS]
     if valid is not None:  # a trained model: held-out real text
         text = exact.encode(valid.read_text())[:eval_tokens]
         what = f"{len(text)} held-out tokens of {valid.name}"
     else:  # random weights: the exact model's own sampled continuation
-        text = prompt + exact.generate(prompt, max_new_tokens=eval_tokens - len(prompt), temperature=1.0, seed=0,
-                                       stop_at_eos=False).tokens
+        text = prompts[0] + exact.generate(prompts[0], max_new_tokens=eval_tokens - len(prompts[0]), temperature=1.0,
+                                           seed=0, stop_at_eos=False).tokens
         what = f"{len(text)} tokens of its own sampled text"
     ppl0, _, ref = evaluate(exact, text)
     n_experts = len(exact.pack.manifest.experts)
     rows, aims, costs, ahead = [], [], [], []
     for frac in budgets:
         slots = max(exact.spec.top_k, round(frac * n_experts))
-        bound = decoded = None
+        plain = decoded = None
         for name, kw in techniques.items():
-            if bound is not None and only and not re.search(only, name):
+            if plain is not None and only and not re.search(only, name):
                 continue
             t0 = time.perf_counter()
             model = load(path, slots, **kw)
-            # every configuration decodes the plain run's text (teacher-forced), so bytes compare on one workload
-            run = model.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False, forced=decoded)
-            s = run.stats
-            if decoded is None:
-                decoded = run.tokens
+            # every configuration decodes the plain run's texts (teacher-forced), so bytes compare on one workload
+            w = Workload()
+            texts = []
+            for i, prompt in enumerate(prompts):
+                run = model.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False,
+                                     forced=decoded[i] if decoded else None)
+                w.add(model, run, bounds=plain is None)
+                texts.append(run.tokens)
+            decoded = decoded or texts
             ppl, kl, _ = evaluate(load(path, slots, **kw), text, ref)
-            if bound is None:
-                bound, static = s.belady_bytes_per_token, s.static_bytes_per_token
-                independent = independent_ratio(model)
-                ahead.append([f"{frac:.0%} ({slots} slots)"] + [f"{r:.2f}x" for r in foresight(model)])
-            pr = "-" if s.prefetch_precision is None else f"{s.prefetch_precision:.2f} / {s.prefetch_recall:.2f}"
-            ratio = s.bytes_moved_per_token / bound if bound else float("nan")
+            if plain is None:
+                plain = w
+                ahead.append([f"{frac:.0%} ({slots} slots)"] + [f"{r:.2f}x" for r in w.foresight()])
+            pr = "-" if not w.predicted else f"{w.predicted_hits / w.predicted:.2f} / {w.predicted_hits / w.routed:.2f}"
+            ratio = w.moved / plain.belady
             change = 100 * (ppl / ppl0 - 1)
-            rows.append([f"{frac:.0%} ({slots} slots)", name, f"{s.cache_hit_rate:.1%}",
-                         f"{s.bytes_moved_per_token / 2**20:.3f}", f"{ratio:.2f}x",
-                         f"{s.belady_bytes_per_token / 2**20:.3f}", pr, f"{s.decode_tokens_per_s:.1f}",
+            rows.append([f"{frac:.0%} ({slots} slots)", name, f"{w.hits / (w.hits + w.misses):.1%}",
+                         f"{w.per_step(w.moved) / 2**20:.3f}", f"{ratio:.2f}x",
+                         f"{w.per_step(w.belady) / 2**20:.3f}", pr, f"{w.steps / w.decode_s:.1f}",
                          f"{change:+.2f}%", f"{kl:.5f}"])
             if name.startswith("all"):
                 aims.append(f"{frac:.0%}: {name} moves {ratio:.2f}x the Belady bound of the plain run "
-                            f"({s.bytes_moved_per_token / 2**20:.3f} vs {bound / 2**20:.3f} MiB/token; "
-                            f"{'within' if ratio <= 1.5 else 'MISSES'} the 1.5x aim; best static cache "
-                            f"{static / bound:.2f}x), perplexity {change:+.2f}%, KL {kl:.5f}")
+                            f"({w.per_step(w.moved) / 2**20:.3f} vs {plain.per_step(plain.belady) / 2**20:.3f} "
+                            f"MiB/token; {'within' if ratio <= 1.5 else 'MISSES'} the 1.5x aim; best static cache "
+                            f"{plain.static / plain.belady:.2f}x), perplexity {change:+.2f}%, KL {kl:.5f}")
             if "adaptive_k" in kw or "sparse_channels" in kw:
                 costs.append((frac, name, change))
             print(f"  {frac:.0%} {name}: {ratio:.2f}x Belady, ppl {change:+.2f}%, "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
-        rows.append([f"{frac:.0%} ({slots} slots)", "Belady bound (plain trace)", "", f"{bound / 2**20:.3f}",
-                     "1.00x", "", "", "", "", ""])
+        rows.append([f"{frac:.0%} ({slots} slots)", "Belady bound (plain trace)", "",
+                     f"{plain.per_step(plain.belady) / 2**20:.3f}", "1.00x", "", "", "", "", ""])
         rows.append([f"{frac:.0%} ({slots} slots)", "best static cache, hindsight frequencies (plain trace)", "",
-                     f"{static / 2**20:.3f}", f"{static / bound:.2f}x", "", "", "", "", ""])
+                     f"{plain.per_step(plain.static) / 2**20:.3f}", f"{plain.static / plain.belady:.2f}x", "", "", "",
+                     "", ""])
         rows.append([f"{frac:.0%} ({slots} slots)", "best online if routing were independent (A0 / MIN on a "
-                     "resampled trace)", "", "", f"{independent:.2f}x", "", "", "", "", ""])
+                     "resampled trace)", "", "", f"{plain.independent:.2f}x", "", "", "", "", ""])
     head = ["budget", "technique", "hit rate", "MiB moved/token", "vs Belady", "own Belady MiB/token",
             "prefetch P / R", "decode tok/s", "perplexity change", "KL"]
     worst = {}
@@ -263,9 +313,10 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             f"{min(auto_bl.values()):.2f}..{max(auto_bl.values()):.2f}, fallback threshold "
             f"{min(auto_fb.values()):.2f}..{max(auto_fb.values()):.2f} (per layer).")
     body = (f"### {label}\n\n{auto}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.3f} MiB; "
-            f"prompt {len(prompt)} tokens, {new_tokens} decoded: the plain run's greedy text, teacher-forced "
-            f"through every other configuration's decode path, so that all of them serve one workload (bytes, hit "
-            f"rates and prefetch figures are over the decode); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
+            f"{len(prompts)} prompts of {len(prompts[0])} tokens (one session: the cache carries over), {new_tokens} "
+            f"decoded after each: the plain run's greedy texts, teacher-forced through every other configuration's "
+            f"decode path, so that all of them serve one workload (bytes, hit rates and prefetch figures are over "
+            f"the decodes, summed over the prompts; each prompt's bounds on its own trace); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
             f"configuration) per token on the same text.\n\n"
             + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims + cost_lines) + "\n\n"
             "Foresight: misses of the reuse policy told the exact routing of the next W tokens (Belady's MIN "
@@ -309,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     body = (f"Expert budget = fraction of expert slots; CPU, {a.threads} thread(s), slot copies from the mapped pack "
             "(on the CPU a prefetch is a synchronous copy, so it adds bytes and cannot hide latency; on CUDA it runs "
             "on the side stream). Bytes moved include prefetches and partial loads. `reuse` evicts the expert whose "
-            "next use is expected farthest away (layer-cycle distance + decayed routing frequency). Fate prefetch "
+            "next use is expected farthest away (layer-cycle distance + decayed routing frequency), following "
+            "whichever of its memories (half-lives of 8-64 tokens) a ghost replay of the cache found to miss least "
+            "lately. `bypass`: a miss the policy would not keep over what it would evict streams through and is not "
+            "cached (the same bytes, without displacing a more valuable expert). Fate prefetch "
             f"loads a prediction only when its measured hit rate (per layer and rank) is at least {PREFETCH_MIN_PROB} "
             "and the policy admits it over the expert it would evict (under partial loads: only an expert worth "
             "keeping after the predicted use, whose demand miss would otherwise read only its kept rows; "
@@ -320,9 +374,9 @@ def main(argv: list[str] | None = None) -> None:
             "cached whole and one it does not admit moves only up and the kept rows of gate/down. `auto`: per-layer "
             "big-little and fallback thresholds and per-expert FloE keep fractions from the pack's profiled "
             "statistics, their error targets scaled per model so that the worst case (every approximation at "
-            "once, every eligible token falling back) stays within 0.02 nats/token of KL on the calibration text "
-            "(moepack/profile/tune.py). `all` = reuse policy + gated Fate prefetch + big-little auto + fallback "
-            "auto + FloE auto with partial loads. `best static cache`: the most used experts of the plain run's "
+            f"once, every eligible token falling back) stays within {TUNE_KL} nats/token of KL on the calibration text "
+            "(moepack/profile/tune.py). `all` = reuse policy + bypass + gated Fate prefetch + big-little auto + "
+            "fallback auto + FloE auto with partial loads. `best static cache`: the most used experts of the plain run's "
             "decode pinned (frequencies known in hindsight), every other access a miss: under routing that is "
             "independent from token to token no online policy can expect fewer bytes. `best online if routing were "
             "independent`: the best static cache over Belady's MIN on 4000 tokens resampled with the plain run's "

@@ -249,3 +249,81 @@ def test_profiled_popularity_ranks_experts_before_any_use():
 def test_cache_buffer_is_fixed():
     c = ExpertCache(4, 16, "cpu")
     assert c.buffer.shape == (4, 16) and c.buffer.dtype == torch.uint8
+
+
+def routed(tokens: int, layers: int, experts: int, seed: int, block: int | None = None) -> list[dict[int, int]]:
+    """Per token and layer, top-2 routing drawn from a skewed distribution; with `block`, the distribution's
+    ranking is reshuffled every `block` tokens (routing that drifts)."""
+    rng = random.Random(seed)
+    ranks = [list(range(experts)) for _ in range(layers)]
+    out = []
+    for t in range(tokens):
+        if block and t % block == 0:
+            for r in ranks:
+                rng.shuffle(r)
+        for layer in range(layers):
+            picks = set()
+            while len(picks) < 2:
+                picks.add(ranks[layer][min(int(rng.expovariate(0.5)), experts - 1)])
+            out.append({e: 1 for e in picks})
+    return out
+
+
+def drive(policy, slots: int, routing: list[dict[int, int]], layers: int, bypass: bool) -> int:
+    """The executor's protocol on an ExpertCache: visit, then resident experts first (pinned), then misses
+    (cached, or under bypass streamed when the policy does not admit them). Returns the misses."""
+    cache = ExpertCache(slots, 1, "cpu", policy)
+    cache.bypass = cache.policy.bypass = bypass
+    misses = 0
+    for i, uses in enumerate(routing):
+        layer = i % layers
+        cache.visit(layer, uses, 1)
+        for key in sorted(((layer, e) for e in uses), key=lambda k: k not in cache):
+            if cache.lookup(key) is not None:
+                cache.pinned.add(key)
+                continue
+            misses += 1
+            if bypass and not cache.admits(key):
+                continue
+            cache.allocate(key, 1)
+            cache.pinned.add(key)
+        cache.pinned.clear()
+    return misses
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_a_ghost_replays_the_cache_under_its_estimate(bypass):
+    """The adaptive reuse policy scores each half-life by a ghost cache: keys only, no data. A ghost must miss
+    exactly where the real cache under that estimate alone misses, bypass or not."""
+    from moepack.runtime.cache import Ghost, ReuseEstimate
+
+    layers, slots = 3, 7
+    routing = routed(150, layers, 8, seed=1, block=20)
+    real = drive(Reuse(list(range(layers)), half_life=8.0), slots, routing, layers, bypass)
+    ghost = Ghost(ReuseEstimate(list(range(layers)), 8.0), slots)
+    for i, uses in enumerate(routing):
+        layer = i % layers
+        ghost.estimate.visit(layer, uses, 1)
+        ghost.order.visited(layer)
+        busy = [(layer, e) for e in uses]
+        for key in sorted(busy, key=lambda k: k not in ghost.resident):  # the order drive() uses
+            ghost.access(key, set(busy), bypass)
+    assert ghost.misses == real
+
+
+def test_reuse_follows_the_memory_that_fits_the_routing():
+    """Stationary routing rewards a long memory, routing that reshuffles every few tokens a short one; the
+    policy with several half-lives ends up following the one its ghosts found best, and misses about as little
+    as the best fixed half-life, whichever it is."""
+    layers, experts, slots = 4, 8, 12
+    for block, want in ((None, 64.0), (6, 8.0)):
+        routing = routed(600, layers, experts, seed=2, block=block)
+        fixed = {h: drive(Reuse(list(range(layers)), half_life=h), slots, routing, layers, True)
+                 for h in (8.0, 16.0, 32.0, 64.0)}
+        pol = Reuse(list(range(layers)), half_life=(8.0, 16.0, 32.0, 64.0), slots=slots)
+        adaptive = drive(pol, slots, routing, layers, True)
+        assert min(fixed, key=fixed.get) == want, fixed
+        assert pol.estimate.half_life == want
+        assert adaptive <= 1.05 * min(fixed.values()), (adaptive, fixed)
+    with pytest.raises(ValueError, match="slot count"):
+        Reuse([0, 1], half_life=(8.0, 32.0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moepack.profile import default_calibration_text, load_calibration, profile
-from moepack.profile.profiler import usable_candidates
+from moepack.profile.profiler import KEEP_GRID, usable_candidates
 from moepack.source import Checkpoint
 
 FEW = ("fp16", "q4g64", "q2g64")
@@ -78,15 +78,15 @@ def test_profiling_holds_at_most_one_expert_and_reads_each_once(baby, monkeypatc
     assert sorted(reads) == sorted(layer_of)  # every expert tensor read exactly once
     assert peak["tensors"] <= len(PROJS)  # never more than one expert's three projections
     # tuning the `auto` scale: one more forward per scale plus the exact one, one expert at a time throughout
-    from moepack.profile.tune import TUNE_KL, TUNE_REFINE, TUNE_SCALES
+    from moepack.profile.tune import TUNE_BELOW, TUNE_KL, TUNE_REFINE, TUNE_SCALES
 
     reads.clear()
     peak["tensors"] = 0
     prof = profile(str(src), candidates=("q4g64",), max_tokens=512)
-    assert len(reads) <= (2 + len(TUNE_SCALES) + TUNE_REFINE) * len(layer_of) and peak["tensors"] <= len(PROJS)
+    tries = len(TUNE_SCALES) + TUNE_BELOW + TUNE_REFINE
+    assert len(reads) <= (2 + tries) * len(layer_of) and peak["tensors"] <= len(PROJS)
     scales = [s for s, _ in prof.tune_curve]
-    assert set(TUNE_SCALES) <= set(scales) and scales == sorted(scales)
-    assert len(scales) - len(TUNE_SCALES) in (0, TUNE_REFINE)  # refined only between a pass and a failure
+    assert set(TUNE_SCALES) <= set(scales) and scales == sorted(scales) and len(scales) <= tries
     kl_at = dict(prof.tune_curve)
     if prof.adaptive_scale:
         assert kl_at[prof.adaptive_scale] <= TUNE_KL
@@ -221,7 +221,7 @@ def test_drop_error_is_the_little_half_error_over_the_share_gap(baby):
     assert torch.allclose(out, full, atol=1e-5)
     c = float((little - full).square().sum() / ((1 - share).square() * full.square().sum(1)).sum())
     assert ex.drop_error[layer] == pytest.approx(c, rel=1e-4)
-    assert len(ex.experts[(layer, 0)].sparsity) == 9
+    assert len(ex.experts[(layer, 0)].sparsity) == len(KEEP_GRID)
 
 
 def test_search_scale_refines_between_the_last_pass_and_the_first_failure():
@@ -237,5 +237,8 @@ def test_search_scale_refines_between_the_last_pass_and_the_first_failure():
     assert tried[:4] == [0.5, 1.0, 4.0, 8.0]  # the whole grid, for the record
     assert tried[4:] == pytest.approx([2.0, 2.0 * 2 ** 0.5])  # sqrt(1 * 4) passes, sqrt(2 * 4) fails
     assert chosen == pytest.approx(2.0) and [s for s, _ in curve] == sorted(tried)
-    assert search_scale(kl, (4.0, 8.0), budget=0.02)[0] == 0.0  # nothing within the budget: off, no search
+    assert search_scale(kl, (16.0, 32.0), budget=0.02, below=2)[0] == 0.0  # none within, even halved: off
+    tried.clear()
+    chosen, _ = search_scale(kl, (4.0, 8.0), budget=0.02, refine=1, below=2)  # halved once (2 passes), refined
+    assert tried == pytest.approx([4.0, 8.0, 2.0, 2.0 * 2 ** 0.5]) and chosen == pytest.approx(2.0)
     assert search_scale(kl, (0.5, 1.0), budget=0.02) == (1.0, [(0.5, 0.005), (1.0, 0.01)])  # all pass

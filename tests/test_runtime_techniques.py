@@ -50,7 +50,9 @@ def watch_slots(model) -> list[int]:
                                 dict(prefetch="fate", cache_policy="fate", prefetch_min_prob=0.0),
                                 dict(prefetch="fate", cache_policy="reuse", prefetch_min_prob=0.0),
                                 dict(cache_policy="lfu"), dict(cache_policy="fate"), dict(cache_policy="reuse"),
-                                dict(adaptive_k="off", sparse_channels="off")])
+                                dict(adaptive_k="off", sparse_channels="off"),
+                                dict(bypass=True), dict(bypass=True, cache_policy="reuse"),
+                                dict(bypass=True, cache_policy="reuse", prefetch="fate", prefetch_min_prob=0.0)])
 @pytest.mark.parametrize("slots", [3, 8])
 def test_prefetch_and_policies_never_change_the_numbers(pack, exact, kw, slots):
     ids, want, want_tokens = exact
@@ -175,6 +177,26 @@ def test_partial_loads_move_fewer_bytes_with_the_same_numbers(pack, exact):
     assert per_miss < max(e.nbytes for e in part.pack.manifest.experts)
 
 
+def test_bypass_streams_misses_the_policy_would_not_keep(pack, exact):
+    """Under bypass a miss the policy does not admit is computed from the pack without a slot: the numbers stay
+    exact, every miss still moves the whole expert, and only admitted misses enter the cache."""
+    ids, want, want_tokens = exact
+    model = budgeted(pack, 4, bypass=True)  # LRU, admitting by decayed use counts (TinyLFU-style)
+    cache = model.executor.cache
+    assert cache.bypass and cache.policy.bypass
+    assert torch.equal(model.logits(ids), want)
+    loads = watch_slots(model)
+    gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    assert gen.tokens == want_tokens
+    s, nbytes = gen.stats, model.pack.manifest.experts[0].nbytes
+    assert s.extra["streamed"] > 0 and len(loads) > 0  # some misses were cached, some streamed through
+    assert s.cache_misses == len(loads) + s.extra["streamed"]  # each miss either took a slot or streamed
+    assert s.bytes_moved == s.cache_misses * nbytes  # no prefetch: every miss moved its expert once
+    assert max(loads) <= 4
+    plain = budgeted(pack, 4)
+    assert "streamed" not in plain.generate(ids, max_new_tokens=6, stop_at_eos=False).stats.extra
+
+
 @pytest.mark.parametrize("partial", [False, True])
 def test_prefetch_under_partial_loads_asks_whether_the_expert_is_worth_keeping(pack, exact, partial):
     """Under partial loads a predicted expert's demand miss would read only its kept rows, so a whole-expert
@@ -257,11 +279,12 @@ def test_reuse_and_lfu_start_from_the_profiled_frequencies(calibrated, pack):
     spec = model.spec
     for layer in spec.sparse_layer_ids:
         assert sum(pop[(layer, e)] for e in range(spec.num_experts)) == pytest.approx(spec.top_k)
-    assert model.executor.cache.policy.popularity == pop
+    estimates = model.executor.cache.policy.estimates  # one per half-life, each with the prior
+    assert len(estimates) > 1 and all(e.popularity == pop and e.prior_tokens == 32.0 for e in estimates)
     assert budgeted(calibrated, 3, cache_policy="lfu", cache_prior=True).executor.cache.policy.count == pytest.approx(
         {k: 32.0 * p for k, p in pop.items()})
     blind = budgeted(calibrated, 3, cache_policy="reuse").executor.cache.policy  # off by default
-    assert blind.popularity == {} and blind.prior_tokens == 0
+    assert all(e.popularity == {} and e.prior_tokens == 0 for e in blind.estimates)
 
 
 def test_forced_decode_serves_a_fixed_text_with_the_same_statistics(pack, exact):

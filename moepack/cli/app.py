@@ -70,14 +70,15 @@ def run(
     context: int = typer.Option(2048, "--context", help="Longest prompt + generation the KV cache is planned for."),
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16. bfloat16 on the CPU runs many-token products with bf16 GEMMs (faster batches, bf16 rounding)."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, fate (per-layer quotas favouring shallow layers), or reuse (evict the expert whose next use is expected farthest away)."),
+    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, fate (per-layer quotas favouring shallow layers), or reuse (evict the expert whose next use is expected farthest away; it adapts how fast it forgets routing to the model)."),
     cache_prior: bool = typer.Option(False, "--cache-prior/--no-cache-prior", help="lfu and reuse start from the pack's profiled routing frequencies (when it has them). Off by default: on the benchmark models a short window of recent routing predicts the next uses better than calibration-wide popularity (docs/benchmarks.md, prefetch)."),
     prefetch: str = typer.Option("none", "--prefetch", help="none, or fate: predict the next layer's experts from this layer's router input and load them early."),
     prefetch_min_prob: float = typer.Option(0.75, "--prefetch-min-prob", help="With --prefetch fate: load a predicted expert only if predictions like it (same layer and rank) have hit at least this often so far; 0 loads every prediction."),
     adaptive_k: str = typer.Option("off", "--adaptive-k", help="off, auto (per layer, from the pack's profiled statistics), or a threshold in (0,1]: tokens whose top half of top-k carries that share of router weight run only that half (big-little)."),
     fallback: str = typer.Option("0.7", "--fallback", help="With --adaptive-k and a budget: off, auto (per layer, profiled), or a share in (0,1]: a token whose top half carries at least this share of its router weight runs only that half when a big expert is not resident (and prefetches it)."),
     sparse_channels: str = typer.Option("off", "--sparse-channels", help="off, auto (per expert, from the pack's profiled selection errors), or the fraction of expert channels kept per token, chosen by |up(x)| (FloE)."),
-    partial_loads: bool = typer.Option(False, "--partial-loads", help="With --sparse-channels: on a miss move only up and the kept rows of gate/down (not cached)."),
+    partial_loads: bool = typer.Option(False, "--partial-loads", help="With --sparse-channels: a miss the cache policy would not keep moves only up and the kept rows of gate/down (not cached)."),
+    bypass: bool = typer.Option(False, "--bypass/--no-bypass", help="A miss the cache policy would not keep over what it would evict streams through without a slot (not cached), so rarely used experts do not displace popular ones."),
     stats: bool = typer.Option(False, "--stats", help="Print run statistics after the text."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text and statistics)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Throughput mode: a file with one prompt per line."),
@@ -103,7 +104,7 @@ def run(
                     temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend, dtype=dtype,
                     cache_policy=cache_policy, stats=stats, json_out=json_out, prefetch=prefetch, adaptive_k=adaptive_k,
                     prefetch_min_prob=prefetch_min_prob, fallback=fallback, sparse_channels=sparse_channels,
-                    partial_loads=partial_loads, cache_prior=cache_prior)
+                    partial_loads=partial_loads, bypass=bypass, cache_prior=cache_prior)
     except MoepackError as exc:
         _fail(exc)
 

@@ -61,7 +61,7 @@ DEFAULT_MAX_ROWS = 2048  # tokens per expert used to measure errors (evenly spac
 SMALL_EXPERT = 1 << 22  # weights per projection below which profiling runs on one thread (see profile)
 DEFAULT_MAX_CHANNELS = 1024  # intermediate channels encoded per candidate (see measure_errors); toy/baby: all
 SPARSITY_ROWS = 256  # tokens per expert for the FloE selection error (nine products over them)
-KEEP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # FloE keep fractions whose error is profiled
+KEEP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # FloE keep fractions whose error is profiled
 
 
 @dataclass

@@ -26,7 +26,7 @@ masked out, so a token's result does not depend on its batch.
 
 **`auto` settings.** A pack compressed with calibration carries what the profiler measured
 (moepack/profile/profiler.py, manifest meta "adaptive"): each expert's FloE selection error at keep
-fractions 0.1 .. 0.9, and each layer's c in err ~ c (1 - share)^2 (relative squared error of the layer's MoE
+fractions 0.1 .. 0.95, and each layer's c in err ~ c (1 - share)^2 (relative squared error of the layer's MoE
 output when a token runs only its little half). `auto` then chooses per model, as FloE calibrates its
 thresholds offline, instead of one global number:
 

@@ -95,7 +95,7 @@ class MoePackModel:
              prefetch_min_prob: float = PREFETCH_MIN_PROB,
              adaptive_k: float | str | None = None, fallback: float | str | bool | None = FALLBACK_SHARE,
              sparse_channels: float | str | None = None, partial_loads: bool = False,
-             cache_prior: bool = False) -> MoePackModel:
+             bypass: bool = False, cache_prior: bool = False) -> MoePackModel:
         """Open a pack. `vram` bounds dense weights + KV cache + workspace + expert slots on the device
         (on the CPU it bounds the same in RAM); None keeps every expert available.
 
@@ -110,7 +110,9 @@ class MoePackModel:
         little half carries at least that share also runs only it when a big expert is not resident, True: every
         token may);
         `sparse_channels` off or the kept fraction of intermediate channels (FloE; `partial_loads` moves only
-        up and the kept rows of gate/down on a miss instead of the whole expert). `adaptive_k`, `fallback` and
+        up and the kept rows of gate/down on a miss instead of the whole expert, when the policy would not keep
+        it); `bypass`: any miss the policy would not keep is streamed through and not cached (CUDA: one slot's
+        transit buffer, counted in the workspace). `adaptive_k`, `fallback` and
         `sparse_channels` also take 'auto': per layer / per expert from the pack's profiled statistics
         (runtime/adaptive.py)."""
         prefetch = parse_prefetch(prefetch)
@@ -136,14 +138,18 @@ class MoePackModel:
             widen = widens_on(dev, dtype, kernel)
             dense_bytes = sum(t.numel() * storage_dtype(t.dtype, t.dim(), dtype, widen).itemsize for t in dense.values())
             slot_bytes = max(e.nbytes for e in pack.manifest.experts)
+            # misses that skip the cache stream through one slot's transit buffer (the CPU uses the mapped pages)
+            streams = bypass or (partial_loads and sparse_keep is not None)
+            transit = slot_bytes if streams and dev.type == "cuda" else 0
             budget = plan_budget(
                 None if vram is None else parse_size(vram), dense_bytes=dense_bytes,
-                kv_bytes=KVCache.bytes_per_token(spec, dtype) * context, workspace_bytes=workspace_bytes(spec, dtype),
+                kv_bytes=KVCache.bytes_per_token(spec, dtype) * context,
+                workspace_bytes=workspace_bytes(spec, dtype) + transit,
                 slot_bytes=slot_bytes, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)
             cache = expert_cache(pack, budget.slots, dev, cache_policy, cache_prior=cache_prior)
             streamer = Streamer(pack, dev, slot_bytes, verify=verify)
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
-                                     sparse_keep=sparse_keep, partial_loads=partial_loads, device=dev,
+                                     sparse_keep=sparse_keep, partial_loads=partial_loads, bypass=bypass, device=dev,
                                      prefetch_min_prob=prefetch_min_prob)
         model = MoeModel(spec, dense, executor, dtype=dtype, device=dev, backend=kernel)
         prefetcher = FatePrefetcher(model, executor, width=prefetch_width) if prefetch == "fate" else None
@@ -274,6 +280,8 @@ class MoePackModel:
             stats.extra["fallback_token_share"] = ex.counts["fallback_tokens"] / tokens
         if ex.sparse_keep is not None and ex.counts["rows_total"]:
             stats.extra["channels_computed"] = ex.counts["rows_kept"] / ex.counts["rows_total"]
+        if ex.bypass:
+            stats.extra["streamed"] = ex.counts["streamed"]
         if ex.partial_loads:
             stats.extra["partial_loads"] = ex.counts["partial_loads"]
             stats.extra["partial_bytes_saved"] = ex.counts["partial_bytes_saved"]

@@ -133,7 +133,7 @@ def visits(trace: Sequence[Key], start: int = 0) -> list[tuple[int, list[Key], i
 
 def lookahead(trace: Sequence[Key], slots: int, layers: Sequence[int], top_k: int, tokens_ahead: int, *,
               start: int = 0, nbytes: Callable[[Key], int] | None = None) -> BeladyResult:
-    """Misses on trace[start:] of the reuse policy (moepack.runtime.cache.Reuse) told the exact routing of the
+    """Misses on trace[start:] of the reuse policy (moepack.runtime.cache.Reuse, as the runtime builds it) told the exact routing of the
     next `tokens_ahead` tokens: Belady's MIN with that horizon. On a miss it evicts, among the resident keys
     not used within the horizon, the one the policy expects farthest away; if every one is used within it, the
     one used last (MIN's choice). 0: the policy alone; 1: it knows every layer of the current token (a perfect
@@ -141,7 +141,7 @@ def lookahead(trace: Sequence[Key], slots: int, layers: Sequence[int], top_k: in
     how much of MIN's advantage needs knowledge of future tokens. Every decode token visits each layer
     once; the cache starts at `start` with MIN's free warm set and the policy's frequencies from the prefix
     (each prefix visit counted as len / top_k tokens)."""
-    from moepack.runtime.cache import Reuse
+    from moepack.runtime.cache import make_policy
 
     if slots < 1:
         raise ValueError("lookahead needs at least one slot")
@@ -151,7 +151,7 @@ def lookahead(trace: Sequence[Key], slots: int, layers: Sequence[int], top_k: in
     for i in range(start):
         upcoming[trace[i]] = nxt[i]
     resident = {key for key, _ in sorted(upcoming.items(), key=lambda kv: kv[1])[:slots]}
-    policy = Reuse(list(layers))
+    policy = make_policy("reuse", slots=slots, layers=list(layers))
     window = tokens_ahead * len(layers) * top_k  # accesses: a decode token routes top_k experts per layer
     misses = moved = 0
     for layer, keys, first in visits(trace, start):

@@ -17,11 +17,17 @@ cheaper partial read anyway, so a prediction is admitted only if the expert is w
 (`beyond`): a whole-expert prefetch of an expert the policy would not cache moved up to twice the bytes of
 the partial reads it replaced (toy model, 25% budget).
 
+Bypass (`bypass`): a miss the policy does not admit over the expert it would evict is not cached; the whole
+expert streams through a transit buffer (CUDA) or is used in place from the mapped pages (CPU), so a rarely
+used expert moves its bytes once without displacing one the policy values more (cache admission; with it an
+online policy can approach the best static cache, which Belady's MIN, caching every miss, cannot express).
+
 Optional adaptive execution (runtime/adaptive.py): big-little routing (`big_little` threshold; a token whose
 little share is at least `fallback` also drops a big expert that is not resident, see `_fallback`) and FloE
 channel sparsity (`sparse_keep`), optionally with partial loads: a resident expert computes from its slot; a
 miss the policy admits is loaded whole into a slot (and later tokens hit it); a miss it does not admit moves
-only up and the kept rows of gate/down, straight from the pack, and is not cached."""
+only up and the kept rows of gate/down, straight from the pack, and is not cached (a bypass that reads only
+the rows it needs)."""
 
 from __future__ import annotations
 
@@ -75,7 +81,8 @@ class StreamingExecutor:
                  backend: Backend = Backend.AUTO, big_little: float | dict[int, float] | None = None,
                  fallback: float | dict[int, float] | None = FALLBACK_SHARE,
                  sparse_keep: float | dict[Key, float] | None = None, partial_loads: bool = False,
-                 device: torch.device | None = None, prefetch_min_prob: float = PREFETCH_MIN_PROB):
+                 bypass: bool = False, device: torch.device | None = None,
+                 prefetch_min_prob: float = PREFETCH_MIN_PROB):
         """With `cache=None` every expert is used in place from the mapped pack (CPU, no budget).
         `big_little` and `fallback` are one threshold or one per layer, `sparse_keep` one keep fraction or
         one per expert (`auto`, runtime/adaptive.py); a keep of 1.0 runs that expert dense."""
@@ -85,6 +92,10 @@ class StreamingExecutor:
         self.fallback = fallback if big_little is not None else None  # a little-share threshold, or None: off
         self.sparse_keep = sparse_keep
         self.partial_loads = partial_loads and sparse_keep is not None and cache is not None
+        self.bypass = bypass and cache is not None
+        if cache is not None:
+            cache.bypass = cache.policy.bypass = self.bypass or self.partial_loads
+        self.transit: torch.Tensor | None = None  # CUDA: the slot-sized buffer bypassed experts stream through
         self.device = device if device is not None else (cache.device if cache is not None else torch.device("cpu"))
         self.pending: dict[Key, torch.cuda.Event] = {}
         self.prefetch_queue: list[tuple[Key, float | None]] = []  # (key, probability or None: a demand miss)
@@ -119,10 +130,15 @@ class StreamingExecutor:
         keep = self.sparse_keep.get(key, 1.0) if isinstance(self.sparse_keep, dict) else self.sparse_keep
         return None if keep is None or keep >= 1.0 else keep
 
+    def bypasses(self, key: Key) -> bool:
+        """Whether a miss of `key` may skip the cache: under bypass every expert, under partial loads the
+        sparse ones (read as their kept rows)."""
+        return self.bypass or (self.partial_loads and self.keep_for(key) is not None)
+
     def _acquire(self, key: Key) -> torch.Tensor | None:
-        """Like ensure, but under partial loads a miss the policy does not admit returns None: it is computed
-        from the kept rows read straight from the pack, with no slot."""
-        if (self.partial_loads and key not in self.cache and self.keep_for(key) is not None
+        """Like ensure, but a miss that may bypass the cache and that the policy does not admit returns None:
+        it is computed without a slot (`_compute_bypassed`)."""
+        if (self.cache is not None and key not in self.cache and self.bypasses(key)
                 and not self.cache.admits(key)):
             self.cache.lookup(key)  # counts the miss
             return None
@@ -172,9 +188,9 @@ class StreamingExecutor:
                 continue
             if len(cache.pinned) >= cache.slots:
                 break
-            # under partial loads its demand miss, if the policy would not keep it, reads only the kept rows: a
-            # whole-expert prefetch is then worth its bytes only if the expert is worth keeping after this use
-            if not cache.admits(key, prob, beyond=self.partial_loads and self.keep_for(key) is not None):
+            # a demand miss the policy would not keep bypasses the cache (the same bytes, or only the kept rows):
+            # a prefetch is then worth its bytes only if the expert is worth keeping after this use
+            if not cache.admits(key, prob, beyond=self.bypasses(key)):
                 self.counts["prefetch_not_admitted"] += 1
                 continue
             self.load(key, prefetch=True)
@@ -217,8 +233,10 @@ class StreamingExecutor:
 
     # -- compute -------------------------------------------------------------------------------------------
     def _compute(self, key: Key, blob: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        if blob is None:
-            return self._compute_partial(key, x)
+        if blob is None:  # bypassed: only the rows it needs, or the whole expert streamed through
+            if self.partial_loads and self.keep_for(key) is not None:
+                return self._compute_partial(key, x)
+            return self._compute_streamed(key, x)
         projs = self._projections(key, blob)
         keep = self.keep_for(key)
         if keep is None:
@@ -229,6 +247,28 @@ class StreamingExecutor:
         y, n = sparse_ffn(x, projs, self.backend, keep)
         self.counts["rows_kept"] += n * x.shape[0]
         self.counts["rows_total"] += projs["gate"][2][0] * x.shape[0]
+        return y
+
+    def _compute_streamed(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        """A bypassed miss: the whole expert, not cached. CUDA: through the streamer into the transit buffer (one
+        slot's bytes, counted in the budget's workspace); CPU: used in place from the mapped pages, which are
+        dropped afterwards, as after a copy into a slot."""
+        nbytes = self.records[key].nbytes
+        if self.device.type == "cuda":
+            if self.transit is None:
+                self.transit = torch.empty(self.cache.slot_bytes, dtype=torch.uint8, device=self.device)
+            blob = self.transit[:nbytes]
+            event = self.streamer.load(key, blob)
+            if event is not None:
+                self.pending[key] = event
+                self._wait(key)
+        else:
+            blob = self.pack.expert_blob(*key, verify=self.streamer.verify if self.streamer else True)
+        y = self._compute(key, blob, x)
+        if self.device.type != "cuda":
+            self.pack.release(*key)
+        self.cache.stats.bytes_loaded += nbytes
+        self.counts["streamed"] += 1
         return y
 
     def _compute_partial(self, key: Key, x: torch.Tensor) -> torch.Tensor:
