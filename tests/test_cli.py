@@ -108,7 +108,8 @@ def test_auto_adaptive_settings_from_a_calibrated_pack(baby, tmp_path):
     assert "FloE keep per expert" in runner.invoke(app, ["inspect", str(out)]).output
     res = runner.invoke(app, ["run", str(out), "--prompt", "Now is the winter", "-n", "4", "--json", "--vram", "64MB",
                               "--context", "64", "--adaptive-k", "auto", "--fallback", "auto",
-                              "--sparse-channels", "auto", "--partial-loads"])
+                              "--sparse-channels", "auto", "--partial-loads", "--cache-policy", "reuse", "--bypass"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["static_bytes_per_token"] is not None and data["belady_bytes_per_token"] is not None
+    assert data["streamed"] >= 0 and data["partial_loads"] >= 0  # bypassed misses: whole, or the kept rows
