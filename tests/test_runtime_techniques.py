@@ -46,7 +46,7 @@ def watch_slots(model) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("kw", [dict(prefetch="fate", prefetch_min_prob=0.0),
+@pytest.mark.parametrize("kw", [dict(prefetch="fate", prefetch_min_prob=0.0, cache_policy="lru", bypass=False),
                                 dict(prefetch="fate", cache_policy="fate", prefetch_min_prob=0.0),
                                 dict(prefetch="fate", cache_policy="reuse", prefetch_min_prob=0.0),
                                 dict(cache_policy="lfu"), dict(cache_policy="fate"), dict(cache_policy="reuse"),
@@ -66,7 +66,7 @@ def test_prefetch_and_policies_never_change_the_numbers(pack, exact, kw, slots):
     if kw.get("prefetch") == "fate":
         assert 0 <= s.prefetch_precision <= 1 and 0 <= s.prefetch_recall <= 1
         assert s.to_json()["prefetch_precision"] == s.prefetch_precision
-        if "cache_policy" not in kw:  # LRU admits every prediction into a free or unpinned slot
+        if kw.get("cache_policy") == "lru":  # LRU admits every prediction into a free or unpinned slot
             assert s.prefetch_bytes > 0
         else:  # other policies may refuse a prediction worth less than what it would evict
             assert s.prefetch_bytes > 0 or model.executor.counts["prefetch_not_admitted"] > 0
@@ -85,7 +85,7 @@ def test_gated_prefetch_loads_only_likely_predictions(pack, exact):
 
 def test_stats_include_the_belady_bound_and_it_bounds_lru(pack, exact):
     ids, _, _ = exact
-    model = budgeted(pack, 4)
+    model = budgeted(pack, 4, cache_policy="lru", bypass=False)  # MIN bounds every policy that caches each miss
     gen = model.generate(ids, max_new_tokens=8, stop_at_eos=False)
     s = gen.stats
     assert s.belady_bytes_per_token is not None
@@ -181,7 +181,7 @@ def test_bypass_streams_misses_the_policy_would_not_keep(pack, exact):
     """Under bypass a miss the policy does not admit is computed from the pack without a slot: the numbers stay
     exact, every miss still moves the whole expert, and only admitted misses enter the cache."""
     ids, want, want_tokens = exact
-    model = budgeted(pack, 4, bypass=True)  # LRU, admitting by decayed use counts (TinyLFU-style)
+    model = budgeted(pack, 4, cache_policy="lru", bypass=True)  # admitting by decayed use counts (TinyLFU-style)
     cache = model.executor.cache
     assert cache.bypass and cache.policy.bypass
     assert torch.equal(model.logits(ids), want)
@@ -193,17 +193,18 @@ def test_bypass_streams_misses_the_policy_would_not_keep(pack, exact):
     assert s.cache_misses == len(loads) + s.extra["streamed"]  # each miss either took a slot or streamed
     assert s.bytes_moved == s.cache_misses * nbytes  # no prefetch: every miss moved its expert once
     assert max(loads) <= 4
-    plain = budgeted(pack, 4)
+    plain = budgeted(pack, 4, cache_policy="lru", bypass=False)
     assert "streamed" not in plain.generate(ids, max_new_tokens=6, stop_at_eos=False).stats.extra
 
 
-@pytest.mark.parametrize("partial", [False, True])
-def test_prefetch_under_partial_loads_asks_whether_the_expert_is_worth_keeping(pack, exact, partial):
-    """Under partial loads a predicted expert's demand miss would read only its kept rows, so a whole-expert
-    prefetch is admitted only if the policy would keep the expert after that use (`beyond`)."""
+@pytest.mark.parametrize("partial, bypass", [(False, False), (True, False), (False, True)])
+def test_prefetch_under_bypass_asks_whether_the_expert_is_worth_keeping(pack, exact, partial, bypass):
+    """Under partial loads a predicted expert's demand miss would read only its kept rows, and under bypass it
+    would stream through without evicting anything, so a prefetch is admitted only if the policy would keep the
+    expert after that use (`beyond`); with neither, the prediction is judged by that use."""
     ids, _, _ = exact
     model = budgeted(pack, 3, prefetch="fate", prefetch_min_prob=0.0, cache_policy="reuse", sparse_channels=0.5,
-                     partial_loads=partial)
+                     partial_loads=partial, bypass=bypass)
     asked, real = [], model.executor.cache.policy.admit
 
     def admit(incoming, victim, prob=None, beyond=False):
@@ -213,7 +214,7 @@ def test_prefetch_under_partial_loads_asks_whether_the_expert_is_worth_keeping(p
 
     model.executor.cache.policy.admit = admit
     model.generate(ids, max_new_tokens=6, stop_at_eos=False)
-    assert asked and set(asked) == {partial}
+    assert asked and set(asked) == {partial or bypass}
 
 
 @pytest.fixture(scope="module")

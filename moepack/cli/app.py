@@ -70,7 +70,7 @@ def run(
     context: int = typer.Option(2048, "--context", help="Longest prompt + generation the KV cache is planned for."),
     backend: str = typer.Option("auto", "--backend", help="Kernel backend: auto, torch, cpp, cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16. bfloat16 on the CPU runs many-token products with bf16 GEMMs (faster batches, bf16 rounding)."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Expert cache policy: lru, lfu, fate (per-layer quotas favouring shallow layers), or reuse (evict the expert whose next use is expected farthest away; it adapts how fast it forgets routing to the model)."),
+    cache_policy: Optional[str] = typer.Option(None, "--cache-policy", help="Expert cache policy: reuse (the default: evict the expert whose next use is expected farthest away; it adapts how fast it forgets routing to the model), lru (the default in throughput mode), lfu, or fate (per-layer quotas favouring shallow layers)."),
     cache_prior: bool = typer.Option(False, "--cache-prior/--no-cache-prior", help="lfu and reuse start from the pack's profiled routing frequencies (when it has them). Off by default: on the benchmark models a short window of recent routing predicts the next uses better than calibration-wide popularity (docs/benchmarks.md, prefetch)."),
     prefetch: str = typer.Option("none", "--prefetch", help="none, or fate: predict the next layer's experts from this layer's router input and load them early."),
     prefetch_min_prob: float = typer.Option(0.75, "--prefetch-min-prob", help="With --prefetch fate: load a predicted expert only if predictions like it (same layer and rank) have hit at least this often so far; 0 loads every prediction."),
@@ -78,7 +78,7 @@ def run(
     fallback: str = typer.Option("0.7", "--fallback", help="With --adaptive-k and a budget: off, auto (per layer, profiled), or a share in (0,1]: a token whose top half carries at least this share of its router weight runs only that half when a big expert is not resident (and prefetches it)."),
     sparse_channels: str = typer.Option("off", "--sparse-channels", help="off, auto (per expert, from the pack's profiled selection errors), or the fraction of expert channels kept per token, chosen by |up(x)| (FloE)."),
     partial_loads: bool = typer.Option(False, "--partial-loads", help="With --sparse-channels: a miss the cache policy would not keep moves only up and the kept rows of gate/down (not cached)."),
-    bypass: bool = typer.Option(False, "--bypass/--no-bypass", help="A miss the cache policy would not keep over what it would evict streams through without a slot (not cached), so rarely used experts do not displace popular ones."),
+    bypass: bool = typer.Option(True, "--bypass/--no-bypass", help="A miss the cache policy would not keep over what it would evict streams through without a slot (not cached), so rarely used experts do not displace popular ones (single-sequence runs)."),
     stats: bool = typer.Option(False, "--stats", help="Print run statistics after the text."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text and statistics)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Throughput mode: a file with one prompt per line."),
@@ -95,14 +95,15 @@ def run(
             throughput_cmd.run(pack, prompts_file=prompts_file, batches=batches, batch_size=batch_size, vram=vram,
                                device=device, dtype=dtype,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                               context=context, backend=backend, cache_policy=cache_policy, stats=stats,
+                               context=context, backend=backend, cache_policy=cache_policy or "lru", stats=stats,
                                json_out=json_out)
             return
         if prompt is None:
             raise MoepackError("give --prompt TEXT, or --prompts FILE for throughput mode")
         run_cmd.run(pack, prompt=prompt, vram=vram, device=device, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, seed=seed, context=context, backend=backend, dtype=dtype,
-                    cache_policy=cache_policy, stats=stats, json_out=json_out, prefetch=prefetch, adaptive_k=adaptive_k,
+                    cache_policy=cache_policy or "reuse", stats=stats, json_out=json_out, prefetch=prefetch,
+                    adaptive_k=adaptive_k,
                     prefetch_min_prob=prefetch_min_prob, fallback=fallback, sparse_channels=sparse_channels,
                     partial_loads=partial_loads, bypass=bypass, cache_prior=cache_prior)
     except MoepackError as exc:

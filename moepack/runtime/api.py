@@ -90,17 +90,19 @@ class MoePackModel:
 
     @classmethod
     def load(cls, path: str | Path, *, vram: str | int | None = None, device: str = "auto", backend: str = "auto",
-             cache_policy: str = "lru", dtype: torch.dtype | str | None = None, context: int = 2048,
+             cache_policy: str = "reuse", dtype: torch.dtype | str | None = None, context: int = 2048,
              verify: bool = True, prefetch: str = "none", prefetch_width: int | None = None,
              prefetch_min_prob: float = PREFETCH_MIN_PROB,
              adaptive_k: float | str | None = None, fallback: float | str | bool | None = FALLBACK_SHARE,
              sparse_channels: float | str | None = None, partial_loads: bool = False,
-             bypass: bool = False, cache_prior: bool = False) -> MoePackModel:
+             bypass: bool = True, cache_prior: bool = False) -> MoePackModel:
         """Open a pack. `vram` bounds dense weights + KV cache + workspace + expert slots on the device
         (on the CPU it bounds the same in RAM); None keeps every expert available.
 
         Each technique is switchable alone: `cache_policy` lru|lfu|fate (per-layer quotas favouring shallow
-        layers)|reuse (evicts the expert whose next use is expected farthest away); `cache_prior`: lfu and reuse
+        layers)|reuse (the default: evicts the expert whose next use is expected farthest away, adapting how
+        fast it forgets routing to the model; with `bypass`, also on by default, it moved the fewest bytes of
+        the policies on both benchmark models at every budget, docs/benchmarks.md "prefetch"); `cache_prior`: lfu and reuse
         start from the pack's profiled routing frequencies (off by default: it measured worse, docs/benchmarks.md
         "prefetch"); `prefetch` none|fate
         (next-layer prediction; `prefetch_width` experts per token, default top-k; a prediction is loaded only

@@ -244,10 +244,11 @@ class Farthest:
 
     def put(self, key: Key, last: int) -> None:
         """Insert `key`, or renew it with its recency `last`."""
+        if key not in self.entry:
+            self.layers.setdefault(key[0], set()).add(key[1])
         entry = (-self.estimate.when(key), last, key)
         self.entry[key] = entry
         heapq.heappush(self.heap, entry)
-        self.layers.setdefault(key[0], set()).add(key[1])
         if len(self.heap) > 4 * len(self.entry) + 64:  # mostly stale: rebuild
             self.heap = list(self.entry.values())
             heapq.heapify(self.heap)
@@ -347,8 +348,8 @@ class Reuse(Policy):
         self.estimates = [ReuseEstimate(self.layers, h, prior=prior, popularity=popularity, prior_tokens=prior_tokens)
                           for h in half_lives]
         self.ghosts = [Ghost(e, slots) for e in self.estimates] if len(half_lives) > 1 else []
-        self.orders = [Farthest(e) for e in self.estimates]  # the resident keys in each estimate's order
         self.lead = 0  # the estimate followed
+        self.order = Farthest(self.estimate)  # the resident keys in its eviction order
         self.busy: set[Key] = set()  # the experts of the visit under way (pinned)
         self.last: dict[Key, int] = {}
         self.t = 0
@@ -358,7 +359,7 @@ class Reuse(Policy):
         return self.estimates[self.lead]
 
     def _all_orders(self) -> list[Farthest]:
-        return self.orders + [g.order for g in self.ghosts]
+        return [self.order] + [g.order for g in self.ghosts]
 
     def visit(self, layer: int, uses: dict[int, int], tokens: int) -> None:
         for e in self.estimates:
@@ -375,7 +376,12 @@ class Reuse(Policy):
         if self.ghosts:
             for g in self.ghosts:
                 g.access(key, self.busy, self.bypass)
-            self.lead = min(range(len(self.ghosts)), key=lambda i: self.ghosts[i].misses)
+            lead = min(range(len(self.ghosts)), key=lambda i: self.ghosts[i].misses)
+            if lead != self.lead:  # follow the other estimate: the residents in its order
+                self.lead, old = lead, self.order
+                self.order = Farthest(self.estimate)
+                for k, entry in old.entry.items():
+                    self.order.put(k, entry[1])
 
     def hint(self, key: Key, prob: float) -> None:
         for e in self.estimates:
@@ -395,25 +401,22 @@ class Reuse(Policy):
     def touch(self, key: Key) -> None:
         self.t += 1
         self.last[key] = self.t
-        for order in self.orders:
-            order.put(key, self.t)
+        self.order.put(key, self.t)
 
     refresh = touch
 
     def insert(self, key: Key, low: bool = False) -> None:
         self.last[key] = self.t + 1 if not low else 0
         self.t += 1
-        for order in self.orders:
-            order.put(key, self.last[key])
+        self.order.put(key, self.last[key])
 
     def remove(self, key: Key) -> None:
         self.last.pop(key, None)
-        for order in self.orders:
-            order.drop(key)
+        self.order.drop(key)
 
     def victim(self, candidates: list[Key], incoming: Key | None = None) -> Key:
         allowed = set(candidates)
-        found = self.orders[self.lead].victim(allowed.__contains__)
+        found = self.order.victim(allowed.__contains__)
         if found is None:  # keys it was never told were inserted: scan them
             when = self.estimate.when
             found = max(candidates, key=lambda k: (when(k), -self.last.get(k, 0)))
