@@ -46,15 +46,15 @@ def configs(k: float, keep: float, fallback: float) -> dict[str, dict]:
     `fallback` for every model."""
     every = dict(cache_policy="reuse", bypass=True, prefetch="fate", adaptive_k="auto", fallback="auto",
                  sparse_channels="auto", partial_loads=True)
-    return {
-        "LRU on demand (baseline)": dict(cache_policy="lru"),
+    alone = {  # each on plain LRU on demand (not the runtime's defaults), so that it is measured by itself
+        "LRU on demand (baseline)": dict(),
         "LFU": dict(cache_policy="lfu"),
         "LFU + profiled prior": dict(cache_policy="lfu", cache_prior=True),
         "Fate quotas (policy)": dict(cache_policy="fate"),
         "reuse distance (policy)": dict(cache_policy="reuse"),
         "reuse distance + profiled prior": dict(cache_policy="reuse", cache_prior=True),
         "LRU + bypass": dict(bypass=True),
-        "reuse distance + bypass": dict(cache_policy="reuse", bypass=True),
+        "reuse distance + bypass (the runtime's default)": dict(cache_policy="reuse", bypass=True),
         "Fate prefetch": dict(prefetch="fate"),
         "Fate prefetch, ungated": dict(prefetch="fate", prefetch_min_prob=0.0),
         f"big-little {k}, fallback {fallback}": dict(adaptive_k=k, fallback=fallback),
@@ -63,13 +63,15 @@ def configs(k: float, keep: float, fallback: float) -> dict[str, dict]:
         f"FloE keep {keep}": dict(sparse_channels=keep),
         f"FloE keep {keep} + partial loads": dict(sparse_channels=keep, partial_loads=True),
         "FloE auto + partial loads": dict(sparse_channels="auto", partial_loads=True),
-        "all": every,
-        "all but prefetch": {key: v for key, v in every.items() if key != "prefetch"},
-        f"all, fixed thresholds ({k} / {fallback} / keep {keep})": dict(every, adaptive_k=k, fallback=fallback,
-                                                                        sparse_channels=keep),
     }
+    return {**{name: dict(PLAIN, **kw) for name, kw in alone.items()},
+            "all": every,
+            "all but prefetch": {key: v for key, v in every.items() if key != "prefetch"},
+            f"all, fixed thresholds ({k} / {fallback} / keep {keep})": dict(every, adaptive_k=k, fallback=fallback,
+                                                                            sparse_channels=keep)}
 
 
+PLAIN = dict(cache_policy="lru", bypass=False)  # the baseline every technique alone is added to
 SWEEP_K = (0.6, 0.7, 0.8, 0.9)
 SWEEP_KEEP = (0.3, 0.5, 0.7, 0.8, 0.9)
 SWEEP_FALLBACK = (0.95, 0.9, 0.8, 0.7, True)  # True: every token may fall back (MoBiLE's rule)
@@ -231,7 +233,7 @@ def sweep(path: Path, text: list[int], ppl0: float, ref: torch.Tensor, slots: in
     row("FloE auto", f"{statistics.mean(auto.executor.sparse_keep.values()):.0%} of gate/down channels", auto)
     for fb in (*SWEEP_FALLBACK, "auto"):
         row(f"fallback {fb}, {slots} slots", "{fallback} of tokens fell back to top-1",
-            load(path, slots, adaptive_k=1.0, fallback=fb))
+            load(path, slots, adaptive_k=1.0, fallback=fb, **PLAIN))
     return ("Trade-off of each approximation alone (perplexity change and mean KL(exact || approximate) per token "
             "on the same text):\n\n"
             + markdown_table(["setting", "compute", "perplexity change", "KL"], rows) + "\n")
