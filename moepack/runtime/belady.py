@@ -133,10 +133,10 @@ def visits(trace: Sequence[Key], start: int = 0) -> list[tuple[int, list[Key], i
 
 def lookahead(trace: Sequence[Key], slots: int, layers: Sequence[int], top_k: int, tokens_ahead: int, *,
               start: int = 0, nbytes: Callable[[Key], int] | None = None) -> BeladyResult:
-    """Misses on trace[start:] of the reuse policy (moepack.runtime.cache.Reuse, as the runtime builds it) told the exact routing of the
-    next `tokens_ahead` tokens: Belady's MIN with that horizon. On a miss it evicts, among the resident keys
-    not used within the horizon, the one the policy expects farthest away; if every one is used within it, the
-    one used last (MIN's choice). 0: the policy alone; 1: it knows every layer of the current token (a perfect
+    """Misses on trace[start:] of the reuse policy (moepack.runtime.cache.Reuse, as the runtime builds it)
+    told the exact routing of the next `tokens_ahead` tokens: Belady's MIN with that horizon. On a miss it
+    evicts, among the resident keys not used within the horizon, the one the policy expects farthest away; if
+    every one is used within it, the one used last (MIN's choice). 0: the policy alone; 1: it knows every layer of the current token (a perfect
     next-layer predictor); more: foresight of tokens not generated yet, which no decoder has. The curve shows
     how much of MIN's advantage needs knowledge of future tokens. Every decode token visits each layer
     once; the cache starts at `start` with MIN's free warm set and the policy's frequencies from the prefix

@@ -165,8 +165,8 @@ class ReuseEstimate:
         d + (1 - p1) * n / p        (p1 = p, or the predicted probability when a next-layer prediction hinted it)
 
     Counted in visits from the start (`when`), that expected time changes only when the expert's own layer is
-    visited (p changes) or it is hinted, so it is cached per expert until then: choosing a victim among many
-    resident experts costs a lookup each. `popularity` (profiled routing probabilities) is a prior worth
+    visited (p changes) or it is hinted, so it is cached per expert until then, and an index of the residents
+    ordered by it (`Farthest`) needs renewing only for those. `popularity` (profiled routing probabilities) is a prior worth
     `prior_tokens` tokens that never decays."""
 
     def __init__(self, layers: list[int], half_life: float, *, prior: float = 0.25,

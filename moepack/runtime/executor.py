@@ -137,7 +137,7 @@ class StreamingExecutor:
 
     def _acquire(self, key: Key) -> torch.Tensor | None:
         """Like ensure, but a miss that may bypass the cache and that the policy does not admit returns None:
-        it is computed without a slot (`_compute_bypassed`)."""
+        it is computed without a slot (`_compute_streamed`, or `_compute_partial` for a sparse expert)."""
         if (self.cache is not None and key not in self.cache and self.bypasses(key)
                 and not self.cache.admits(key)):
             self.cache.lookup(key)  # counts the miss
