@@ -5,7 +5,8 @@
 On a generated Mixtral-layout checkpoint (benchmarks.peers.common.ModelConfig), for each thread count:
   * transformers, AutoModelForCausalLM in bfloat16 (the checkpoint's dtype), whole model in memory: the baseline;
   * moepack whole (no budget) with the lossless bf16 pack and the INT4 pack (q4g128);
-  * moepack with an expert budget of 25% of the pack's experts (INT4 and lossless): LRU cache, streamed misses.
+  * moepack with an expert budget of 25% of the pack's experts (INT4 and lossless): the runtime's default cache
+    (reuse with bypass), streamed misses.
 Every configuration runs in its own process (peak RSS is its own), greedy, exactly N new tokens after the same
 prompt ids; time to first token and decode tokens/s are medians over `--repeats` runs after a warm-up, and
 ratios are against transformers measured in the same run. Writes the "runtime" section of docs/benchmarks.md;
@@ -103,8 +104,8 @@ def render(m: dict) -> str:
         f"{m['new_tokens']} new tokens greedy (no early stop), medians over {m['repeats']} runs after one warm-up. "
         f"transformers runs a manual greedy loop with its KV cache (prefill timed apart from decode). "
         f"moepack computes in float32 on the CPU (dense weights upcast at load); transformers in bfloat16. "
-        f"Budgeted rows give the expert cache ceil({m['fraction']:.0%} x experts) slots (LRU); bytes moved / token "
-        f"is expert bytes loaded into the cache per decoded token. Peak RSS includes the interpreter, torch and "
+        f"Budgeted rows give the expert cache ceil({m['fraction']:.0%} x experts) slots (the runtime's default cache: "
+        f"reuse with bypass); bytes moved / token is expert bytes loaded or streamed per decoded token. Peak RSS includes the interpreter, torch and "
         f"file pages mapped from the pack or checkpoint. The cores are shared with other work: 1-minute load "
         f"average {m['load'][0]:.1f} at the start and {m['load'][1]:.1f} at the end"
         + (". With more runnable work than cores, two OpenMP threads stall at every barrier whenever one core is "
