@@ -65,3 +65,35 @@ def test_sparse_ffn_matches_masked_dense_reference():
     assert (y - want).abs().max().item() < 1e-5 and n <= 12
     full, _ = sparse_ffn(x, projs, Backend.TORCH, 1.0)
     assert (full - expert_ffn(x, projs, Backend.TORCH)).abs().max().item() < 1e-5
+
+
+def test_auto_keep_prices_absolute_error():
+    """`auto` keeps per expert the k minimising k + (s / mean s) rel(k) / target: two experts with the same
+    relative errors but 100x apart in what they add to the hidden state get different keeps (the quiet one
+    gives up channels first); without profiled energies the rule is the old relative threshold."""
+    from moepack.runtime.adaptive import AdaptiveCalibration
+
+    grid = (0.25, 0.5, 0.75)
+    rel = (0.08, 0.02, 0.005)
+    cal = AdaptiveCalibration(grid, {(0, 0): rel, (0, 1): rel}, {0: 1.0}, sparse_weight={(0, 0): 2.0, (0, 1): 0.02})
+    # mean s = 1.01; loud: price 2/1.01/0.01 = 198 -> costs 1, 16.1, 4.5, 1.74: dense; quiet: price 1.98 ->
+    # 1, 0.41, 0.54, 0.76: keep 0.25
+    assert cal.keep(0.01) == {(0, 0): 1.0, (0, 1): 0.25}
+    assert cal.keep(0.0) == {(0, 0): 1.0, (0, 1): 1.0}
+    blind = AdaptiveCalibration(grid, {(0, 0): rel, (0, 1): rel}, {0: 1.0})
+    assert blind.keep(0.02) == {(0, 0): 0.5, (0, 1): 0.5}  # smallest keep within the relative target
+
+
+def test_adaptive_meta_weights_are_checked(tmp_path):
+    from moepack.errors import ManifestError
+    from moepack.runtime.adaptive import AdaptiveCalibration
+
+    meta = {"keep_grid": [0.5], "sparse_error": [[0, 0, [0.1]], [0, 1, [0.2]]], "drop_error": [[0, 1.0]],
+            "sparse_weight": [[0, 0, 1.5], [0, 1, 0.5]]}
+    cal = AdaptiveCalibration.from_meta({"adaptive": meta}, tmp_path)
+    assert cal.sparse_weight == {(0, 0): 1.5, (0, 1): 0.5}
+    for bad in ([[0, 0, 1.5]], [[0, 0, -1.0], [0, 1, 0.5]], [[0, 0, float("nan")], [0, 1, 0.5]], None):
+        with pytest.raises(ManifestError, match="sparse_weight|finite|malformed"):
+            AdaptiveCalibration.from_meta({"adaptive": dict(meta, sparse_weight=bad)}, tmp_path)
+    old = {k: v for k, v in meta.items() if k != "sparse_weight"}  # packs profiled before energies existed
+    assert AdaptiveCalibration.from_meta({"adaptive": old}, tmp_path).sparse_weight is None

@@ -222,6 +222,20 @@ def test_drop_error_is_the_little_half_error_over_the_share_gap(baby):
     c = float((little - full).square().sum() / ((1 - share).square() * full.square().sum(1)).sum())
     assert ex.drop_error[layer] == pytest.approx(c, rel=1e-4)
     assert len(ex.experts[(layer, 0)].sparsity) == len(KEEP_GRID)
+    # energy: what each expert adds to the hidden state per routed token, over the layer's mean ||x||^2
+    from moepack.profile.profiler import MIN_ROUTED
+
+    x_energy = x.square().sum(1).mean()
+    checked = 0
+    for e in range(spec.num_experts):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if len(tok) >= MIN_ROUTED:
+            want = (w[tok, slot, None] * ys[e, tok]).square().sum(1).mean() / x_energy
+            assert ex.experts[(layer, e)].energy == pytest.approx(float(want), rel=1e-4)
+            checked += 1
+        else:  # calibration (almost) never chose it: its output on the layer's tokens, at the mean w^2
+            assert ex.experts[(layer, e)].energy > 0
+    assert checked > 0
 
 
 def test_search_scale_refines_between_the_last_pass_and_the_first_failure():

@@ -237,10 +237,13 @@ def test_auto_settings_come_from_the_profiled_statistics(calibrated, exact):
     layers = list(model.spec.sparse_layer_ids)
     assert sorted(ex.big_little) == sorted(ex.fallback) == layers
     assert len(ex.sparse_keep) == len(model.pack.manifest.experts)
-    for key, keep in ex.sparse_keep.items():  # the smallest profiled keep within the target, else dense
-        errs = dict(zip(cal.keep_grid, cal.sparse_error[key], strict=True))
-        target = cal.scale * SPARSE_ERROR
-        assert keep == 1.0 or (errs[keep] <= target and all(e > target for k, e in errs.items() if k < keep))
+    weights = cal.sparse_weight
+    assert sorted(weights) == sorted(ex.sparse_keep) and min(weights.values()) >= 0 < max(weights.values())
+    mean, target = sum(weights.values()) / len(weights), cal.scale * SPARSE_ERROR
+    for key, keep in ex.sparse_keep.items():  # one price on absolute error: keep + (s / mean s) rel / target least
+        cost = {1.0: 1.0, **{k: k + weights[key] / (mean * target) * e
+                             for k, e in zip(cal.keep_grid, cal.sparse_error[key], strict=True)}}
+        assert cost[keep] == pytest.approx(min(cost.values()))
     assert cal.scale > 0  # tuned at compress time: the baby model absorbs some error
     for layer in layers:  # c (1 - threshold)^2 = target, inside [0, 1]
         c = cal.drop_error[layer]

@@ -21,6 +21,9 @@ For adaptive execution (runtime/adaptive.py, `auto` settings), on the same token
 
 - `sparsity`: FloE's selection error at each keep fraction of KEEP_GRID: ||y - y_keep||^2 / ||y||^2 of the
   expert when each token computes only its channels of largest |up(x)| (the runtime's rule);
+- `energy`: what the expert adds to the residual stream per routed token, mean w^2 ||y||^2 over its routed
+  tokens (w: the router weight) over the layer's mean ||x||^2: a relative error of the expert costs the model
+  in proportion to it (it spans three orders of magnitude on the trained toy model);
 - `Profile.drop_error[layer]`: c in err(token) ~ c (1 - share)^2, the relative squared error of the layer's
   MoE output when a token runs only its little half of top-k (share: the little half's router weight). The
   difference is exactly (1 - share) (mean little output - mean big output), so c is the ratio of sums
@@ -75,6 +78,7 @@ class ExpertProfile:
     fallback_inputs: bool = False
     rtn: dict[str, set[str]] = field(default_factory=dict)  # proj -> recipes whose best encoder is plain RTN
     sparsity: tuple[float, ...] = ()  # FloE selection error at each KEEP_GRID fraction (see module docstring)
+    energy: float = 0.0  # mean w^2 ||y||^2 per routed token over the layer's mean ||x||^2 (see module docstring)
 
 
 @dataclass
@@ -110,6 +114,8 @@ class Profile:
         return {"tokens": self.tokens, "keep_grid": list(KEEP_GRID),
                 "sparse_error": [[k[0], k[1], [round(e, 8) for e in p.sparsity]]
                                  for k, p in sorted(self.experts.items()) if p.sparsity],
+                "sparse_weight": [[k[0], k[1], float(f"{p.energy:.6g}")]
+                                  for k, p in sorted(self.experts.items()) if p.sparsity],
                 "drop_error": [[layer, round(c, 8)] for layer, c in sorted(self.drop_error.items())],
                 "scale": 1.0 if self.adaptive_scale is None else self.adaptive_scale,
                 "tune_kl": [[s, round(kl, 6)] for s, kl in self.tune_curve]}
@@ -118,7 +124,8 @@ class Profile:
         from moepack.runtime.adaptive import AdaptiveCalibration
 
         return AdaptiveCalibration(KEEP_GRID, {k: p.sparsity for k, p in self.experts.items() if p.sparsity},
-                                   dict(self.drop_error))
+                                   dict(self.drop_error),
+                                   sparse_weight={k: p.energy for k, p in self.experts.items() if p.sparsity})
 
     def summary(self) -> dict:
         """What the manifest's meta keeps about the calibration."""
@@ -259,6 +266,8 @@ class ProfilingExecutor:
         counts = torch.bincount(topk_ids.flatten(), minlength=self.spec.num_experts)  # [E]
         slots = int(topk_ids.numel())
         layer_sample = _sample_rows(x, self.max_rows)
+        x_energy = float(x.double().square().sum(1).mean())  # the layer's mean ||x||^2
+        w2_mean = float(topk_weights.double().square().mean())  # for experts calibration (almost) never chose
         for e in range(self.spec.num_experts):
             w = {p: t.to(torch.float32) for p, t in load_expert(self.ckpt, self.adapter, layer, e).items()}
             tok, slot = (topk_ids == e).nonzero(as_tuple=True)
@@ -276,8 +285,14 @@ class ProfilingExecutor:
             errors = measure_errors(_sample_rows(probe, self.max_rows), w, self.candidates, importance,
                                     max_channels=self.max_channels, rtn=rtn)
             sparsity = sparsity_errors(_sample_rows(probe, min(self.max_rows, SPARSITY_ROWS)), w)
+            if fallback:  # its output on the layer's tokens, at the layer's mean squared router weight
+                yp = (F.silu(probe @ w["gate"].T) * (probe @ w["up"].T)) @ w["down"]
+                added = w2_mean * float(yp.double().square().sum(1).mean())
+            else:
+                added = float(yw.double().square().sum(1).mean())
+            energy = added / x_energy if x_energy > 0 else 0.0
             self.experts[(layer, e)] = ExpertProfile(layer, e, int(counts[e]), int(counts[e]) / max(slots, 1),
-                                                     importance, errors, fallback, rtn or {}, sparsity)
+                                                     importance, errors, fallback, rtn or {}, sparsity, energy)
             del w, xe, y
             self._done += 1
             if self.progress:
