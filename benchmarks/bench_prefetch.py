@@ -314,7 +314,7 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
     auto = (f"`auto` on this pack (tuned at compress time on the embedded calibration text, worst-case KL "
             f"{', '.join(f'{kl:.4f} at {sc:g}' for sc, kl in tune['tune_kl'])}): scale {tune['scale']:g}, so "
             f"FloE keeps {statistics.mean(auto_keep.values()):.0%} of channels on average (per expert "
-            f"{min(auto_keep.values()):.1f}..{max(auto_keep.values()):.1f}), big-little threshold "
+            f"{min(auto_keep.values()):.2g}..{max(auto_keep.values()):.2g}), big-little threshold "
             f"{min(auto_bl.values()):.2f}..{max(auto_bl.values()):.2f}, fallback threshold "
             f"{min(auto_fb.values()):.2f}..{max(auto_fb.values()):.2f} (per layer).")
     body = (f"### {label}\n\n{auto}\n\n{n_experts} experts of {exact.pack.manifest.experts[0].nbytes / 2**20:.3f} MiB; "

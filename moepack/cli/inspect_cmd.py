@@ -66,7 +66,7 @@ def run(name: str, *, json_out: bool, plot: Path | None) -> None:
     for e in rep["experts"]:
         err = "" if e["mean_error"] is None else f"{e['mean_error']:.4f}"
         freq = "" if e["frequency"] is None else f"{e['frequency']:.3f}"
-        keep = "" if e["auto_keep"] is None else f"{e['auto_keep']:.1f}"
+        keep = "" if e["auto_keep"] is None else f"{e['auto_keep']:.2g}"
         table.add_row(str(e["layer"]), str(e["expert"]), e["recipe"]["up"], e["recipe"]["gate"], e["recipe"]["down"],
                       format_size(e["bytes"]), f"{e['ratio']:.2f}x", err, freq, keep)
     console.print(table)
