@@ -39,7 +39,7 @@ CACHE = Path.home() / ".cache" / "moepack"
 EVAL_TOKENS = 1024  # perplexity text; on 512 the random model's perplexity change moved by ~1% with KL fixed
 CONTEXT = EVAL_TOKENS + 64  # the random model's sampled evaluation text, and prompt + decoded tokens
 # cached packs carry the `auto` statistics of the compress that made them: bump when profiling or tuning changes
-PACK_TAG = f"cal-kl{TUNE_KL:g}-v2"  # v2: per-expert energies (FloE's price on absolute error)
+PACK_TAG = f"cal-kl{TUNE_KL:g}-v3"  # v2: per-expert energies (price on absolute error); v3: channel order
 ADAPTIVE_K, SPARSE_KEEP = 0.9, 0.8  # defaults of --adaptive-k / --keep, chosen from the sweep (see `sweep`)
 
 
@@ -170,6 +170,9 @@ class Workload:
     predicted: int = 0  # prefetch predictions, their hits, and the experts routed
     predicted_hits: int = 0
     routed: int = 0
+    partial_loads: int = 0  # FloE partial reads, their kept rows, and the contiguous runs those rows form
+    partial_rows: int = 0
+    partial_runs: int = 0
     bound_misses: list = field(default_factory=list)  # per prompt: [MIN misses, best static on a resampled trace]
     ahead: list = field(default_factory=list)  # per prompt: misses of the policy told W tokens ahead, per W
 
@@ -182,6 +185,10 @@ class Workload:
         self.moved += s.bytes_moved_decode
         self.belady += s.belady_bytes_decode
         self.static += s.static_bytes_decode
+        c = model.executor.counts
+        self.partial_loads += c["partial_loads"]
+        self.partial_rows += c["partial_rows"]
+        self.partial_runs += c["partial_runs"]
         if model.prefetcher is not None:
             score = model.prefetcher.score
             self.predicted, self.predicted_hits = self.predicted + score.predicted, self.predicted_hits + score.hits
@@ -196,6 +203,15 @@ class Workload:
 
     def per_step(self, nbytes: int) -> float:
         return nbytes / self.steps
+
+    def layout(self, channels: int) -> str | None:
+        """FloE partial reads: kept rows and contiguous runs per part, against the same number of rows at
+        random positions (k (1 - (k - 1) / I) runs expected), i.e. channels stored in an arbitrary order."""
+        if not self.partial_loads:
+            return None
+        k, runs = self.partial_rows / self.partial_loads, self.partial_runs / self.partial_loads
+        return (f"{self.partial_loads} partial reads of {k:.0f} of {channels} rows per part in {runs:.1f} "
+                f"contiguous runs (at random positions: {k * (1 - (k - 1) / channels):.1f})")
 
     @property
     def independent(self) -> float:
@@ -256,7 +272,7 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
         what = f"{len(text)} tokens of its own sampled text"
     ppl0, _, ref = evaluate(exact, text)
     n_experts = len(exact.pack.manifest.experts)
-    rows, aims, costs, ahead = [], [], [], []
+    rows, aims, costs, ahead, layouts = [], [], [], [], []
     for frac in budgets:
         slots = max(exact.spec.top_k, round(frac * n_experts))
         plain = decoded = None
@@ -285,6 +301,8 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
                          f"{w.per_step(w.moved) / 2**20:.3f}", f"{ratio:.2f}x",
                          f"{w.per_step(w.belady) / 2**20:.3f}", pr, f"{w.steps / w.decode_s:.1f}",
                          f"{change:+.2f}%", f"{kl:.5f}"])
+            if name == "all" and w.layout(exact.spec.expert_shape()[0]):
+                layouts.append(f"{frac:.0%}: {w.layout(exact.spec.expert_shape()[0])}")
             if name.startswith("all"):
                 aims.append(f"{frac:.0%}: {name} moves {ratio:.2f}x the Belady bound of the plain run "
                             f"({w.per_step(w.moved) / 2**20:.3f} vs {plain.per_step(plain.belady) / 2**20:.3f} "
@@ -324,7 +342,10 @@ def bench_model(label: str, path: Path, budgets: list[float], new_tokens: int, t
             f"the decodes, summed over the prompts; each prompt's bounds on its own trace); perplexity of the exact model on {what}: {ppl0:.3f}; KL = mean KL(exact || this "
             f"configuration) per token on the same text.\n\n"
             + markdown_table(head, rows) + "\n" + "\n".join(f"- {a}" for a in aims + cost_lines) + "\n\n"
-            "Foresight: misses of the reuse policy told the exact routing of the next W tokens (Belady's MIN "
+            + ("Layout: a profiled pack stores each expert's channels most often selected first, so a token's FloE "
+               "subset is mostly a prefix. `all`'s partial reads:\n\n" + "\n".join(f"- {x}" for x in layouts)
+               + "\n\n" if layouts else "")
+            + "Foresight: misses of the reuse policy told the exact routing of the next W tokens (Belady's MIN "
             "with a horizon of W tokens, moepack.runtime.belady.lookahead), over MIN's, on the plain run's "
             "decode at the same slots, no approximations. W = 1 is a perfect next-layer predictor (every layer "
             "of the current token); W > 1 needs tokens not generated yet, which no decoder has:\n\n"

@@ -75,6 +75,8 @@ def load_expert(ckpt: Checkpoint, adapter, layer: int, expert: int) -> dict[str,
 
 
 WEIGHT_ERROR = "relative weight error ||W - W^|| / ||W||"
+# a profiled pack stores each expert's intermediate channels in this order (the function is unchanged)
+CHANNEL_ORDER = "by FloE selection frequency on the calibration text, most selected first, per expert"
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -152,6 +154,7 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
     if profile is not None:
         meta["calibration"] = profile.summary()
         meta["adaptive"] = profile.adaptive()  # for `auto` big-little / fallback / FloE settings at run time
+        meta["channel_order"] = CHANNEL_ORDER
     if alloc is not None:
         meta["plan"] = alloc.summary()
 
@@ -177,6 +180,9 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
         for li, layer in enumerate(layers):
             for e in range(spec.num_experts):
                 weights = load_expert(ckpt, adapter, layer, e)
+                order = profile.experts[(layer, e)].channel_order if profile is not None else None
+                if order is not None:  # the same expert, its channels most often selected first
+                    weights = {p: w[order] for p, w in weights.items()}
                 encoded, errs = {}, {}
                 for proj in PROJECTIONS:
                     w = weights[proj]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
@@ -184,11 +185,16 @@ def test_sparsity_errors_match_the_runtime_selection_on_fresh_inputs():
     projs = {p: ({"values": t}, "fp32", (inter, hidden)) for p, t in w.items()}
     y = expert_ffn(x, projs, Backend.TORCH)
     grid = (0.25, 0.5, 0.75, 1.0)
-    errs = sparsity_errors(x, w, grid)
+    errs, order = sparsity_errors(x, w, grid)
     for keep, err in zip(grid, errs, strict=True):
         ys = torch.cat([sparse_ffn(x[i:i + 1], projs, Backend.TORCH, keep)[0] for i in range(len(x))])
         assert err == pytest.approx(float((y - ys).square().sum() / y.square().sum()), rel=1e-4, abs=1e-9)
     assert errs[-1] == pytest.approx(0.0, abs=1e-10) and errs[0] > errs[1] > errs[2] > 0
+    # the channel order: a permutation, by how often each channel is among a token's largest |up| over the grid
+    u = (x @ w["up"].T).abs()
+    count = sum((u >= u.topk(max(1, math.ceil(k * inter)), dim=1).values[:, -1:]).sum(0) for k in grid)
+    assert sorted(order.tolist()) == list(range(inter))
+    assert count[order].tolist() == sorted(count.tolist(), reverse=True)
 
 
 def test_drop_error_is_the_little_half_error_over_the_share_gap(baby):

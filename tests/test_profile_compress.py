@@ -58,7 +58,8 @@ def test_target_ratio_is_met_and_the_manifest_keeps_the_profile(baby, tmp_path, 
                 if prof.encoder(rec.layer, rec.expert, proj, pr.recipe) != "rtn":
                     continue
                 r = parse_recipe(pr.recipe)
-                w = load_expert(ckpt, adapter, rec.layer, rec.expert)[proj]
+                order = prof.experts[(rec.layer, rec.expert)].channel_order  # stored most selected first
+                w = load_expert(ckpt, adapter, rec.layer, rec.expert)[proj][order]
                 got = decode(projection_parts(pack.expert_blob(rec.layer, rec.expert), pr), r, pr.shape)
                 assert got.equal(decode(quantize_rtn(w, r.bits, r.group), r, pr.shape))
                 checked += 1
@@ -76,6 +77,40 @@ def test_recipe_with_calibration_records_frequencies_and_output_errors(baby, tmp
         rec = pack.manifest.experts[0]
         assert rec.frequency is not None and rec.projections["up"].recipe == "q2g64"
         assert rec.projections["up"].error > rec.projections["gate"].error > 0
+
+
+def test_a_profiled_pack_stores_channels_most_selected_first_with_the_same_function(baby, tmp_path):
+    """With calibration, compress stores each expert's intermediate channels in the profiled order (FloE's
+    most selected first): the rows are exactly the source rows permuted, and the model computes the same."""
+    import torch
+
+    from moepack.arch import adapter_for
+    from moepack.compress import CHANNEL_ORDER, load_expert
+    from moepack.format import projection_parts
+    from moepack.runtime.api import MoePackModel
+    from moepack.source import Checkpoint
+
+    src = str(baby("mixtral"))
+    prof = profile(src, candidates=("fp32",), max_tokens=512, tune=False)
+    ordered = compress(src, tmp_path / "ordered.moepack", recipe="fp32", profile=prof).path
+    plain = compress(src, tmp_path / "plain.moepack", recipe="fp32").path
+    ckpt, moved = Checkpoint(src), 0
+    with Pack(ordered) as pack:
+        assert pack.manifest.meta["channel_order"] == CHANNEL_ORDER
+        adapter = adapter_for(pack.spec)
+        for rec in pack.manifest.experts:
+            order = prof.experts[(rec.layer, rec.expert)].channel_order
+            assert sorted(order.tolist()) == list(range(len(order)))
+            moved += int((order != torch.arange(len(order))).any())
+            source = load_expert(ckpt, adapter, rec.layer, rec.expert)
+            for proj, pr in rec.projections.items():
+                got = projection_parts(pack.expert_blob(rec.layer, rec.expert), pr)["values"]
+                assert torch.equal(got, source[proj][order])
+    assert moved > 0
+    ids = list(range(3, 40))
+    a = MoePackModel.load(ordered, device="cpu").logits(ids)
+    b = MoePackModel.load(plain, device="cpu").logits(ids)
+    assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()  # only the summation order differs
 
 
 def test_uniform_keeps_the_ladder_and_records_weight_errors(baby, tmp_path):

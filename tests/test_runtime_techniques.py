@@ -173,6 +173,9 @@ def test_partial_loads_move_fewer_bytes_with_the_same_numbers(pack, exact):
     assert (a - b).abs().max().item() < 1e-4
     g = part.generate(ids, max_new_tokens=4, stop_at_eos=False)
     assert g.stats.extra["partial_bytes_saved"] > 0 and g.stats.extra["partial_loads"] > 0
+    c = part.executor.counts
+    assert 1 <= g.stats.extra["partial_runs_per_load"] == c["partial_runs"] / c["partial_loads"]
+    assert c["partial_runs"] <= c["partial_rows"]  # a run is at least one row
     per_miss = g.stats.bytes_moved / g.stats.cache_misses
     assert per_miss < max(e.nbytes for e in part.pack.manifest.experts)
 

@@ -21,6 +21,9 @@ For adaptive execution (runtime/adaptive.py, `auto` settings), on the same token
 
 - `sparsity`: FloE's selection error at each keep fraction of KEEP_GRID: ||y - y_keep||^2 / ||y||^2 of the
   expert when each token computes only its channels of largest |up(x)| (the runtime's rule);
+- `channel_order`: the expert's intermediate channels, most often selected first (summed over KEEP_GRID on the
+  same tokens): compress stores the channels in this order, which leaves the expert's function unchanged but
+  makes a token's FloE subset mostly a prefix of rows, so a partial load is a few contiguous reads;
 - `energy`: what the expert adds to the residual stream per routed token, mean w^2 ||y||^2 over its routed
   tokens (w: the router weight) over the layer's mean ||x||^2: a relative error of the expert costs the model
   in proportion to it (it spans three orders of magnitude on the trained toy model);
@@ -79,6 +82,7 @@ class ExpertProfile:
     rtn: dict[str, set[str]] = field(default_factory=dict)  # proj -> recipes whose best encoder is plain RTN
     sparsity: tuple[float, ...] = ()  # FloE selection error at each KEEP_GRID fraction (see module docstring)
     energy: float = 0.0  # mean w^2 ||y||^2 per routed token over the layer's mean ||x||^2 (see module docstring)
+    channel_order: torch.Tensor | None = None  # [I] channels by FloE selection frequency (see module docstring)
 
 
 @dataclass
@@ -160,18 +164,22 @@ def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
     return x[idx]
 
 
-def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor], grid: Sequence[float] = KEEP_GRID) -> tuple:
-    """FloE's selection error ||y - y_keep||^2 / ||y||^2 on x [n, H] at each keep fraction of `grid`: every
-    token keeps its ceil(keep * I) channels of largest |up(x)| (adaptive.select_channels' rule)."""
+def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor],
+                    grid: Sequence[float] = KEEP_GRID) -> tuple[tuple[float, ...], torch.Tensor]:
+    """(FloE's selection error ||y - y_keep||^2 / ||y||^2 on x [n, H] at each keep fraction of `grid`, the
+    channels [I] ordered by how often they are selected over the grid, most first): every token keeps its
+    ceil(keep * I) channels of largest |up(x)| (adaptive.select_channels' rule)."""
     u = x @ w["up"].T  # [n, I]
     h = F.silu(x @ w["gate"].T) * u
     y = h @ w["down"]
     energy = float(y.double().square().sum())
-    out = []
+    out, chosen = [], torch.zeros(u.shape[1], dtype=torch.long)
     for keep in grid:
-        err = float((y - (h * channel_mask(u, keep)) @ w["down"]).double().square().sum())
+        mask = channel_mask(u, keep)
+        chosen += mask.sum(0)
+        err = float((y - (h * mask) @ w["down"]).double().square().sum())
         out.append(err / energy if energy > 0 else 0.0)
-    return tuple(out)
+    return tuple(out), torch.argsort(chosen, descending=True, stable=True)
 
 
 def measure_errors(x: torch.Tensor, w: dict[str, torch.Tensor], candidates: Sequence[str],
@@ -284,7 +292,7 @@ class ProfilingExecutor:
             rtn: dict[str, set[str]] | None = {} if self.try_rtn else None
             errors = measure_errors(_sample_rows(probe, self.max_rows), w, self.candidates, importance,
                                     max_channels=self.max_channels, rtn=rtn)
-            sparsity = sparsity_errors(_sample_rows(probe, min(self.max_rows, SPARSITY_ROWS)), w)
+            sparsity, order = sparsity_errors(_sample_rows(probe, min(self.max_rows, SPARSITY_ROWS)), w)
             if fallback:  # its output on the layer's tokens, at the layer's mean squared router weight
                 yp = (F.silu(probe @ w["gate"].T) * (probe @ w["up"].T)) @ w["down"]
                 added = w2_mean * float(yp.double().square().sum(1).mean())
@@ -292,7 +300,8 @@ class ProfilingExecutor:
                 added = float(yw.double().square().sum(1).mean())
             energy = added / x_energy if x_energy > 0 else 0.0
             self.experts[(layer, e)] = ExpertProfile(layer, e, int(counts[e]), int(counts[e]) / max(slots, 1),
-                                                     importance, errors, fallback, rtn or {}, sparsity, energy)
+                                                     importance, errors, fallback, rtn or {}, sparsity, energy,
+                                                     order)
             del w, xe, y
             self._done += 1
             if self.progress:

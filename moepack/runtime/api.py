@@ -287,5 +287,7 @@ class MoePackModel:
         if ex.partial_loads:
             stats.extra["partial_loads"] = ex.counts["partial_loads"]
             stats.extra["partial_bytes_saved"] = ex.counts["partial_bytes_saved"]
+            if ex.counts["partial_loads"]:
+                stats.extra["partial_runs_per_load"] = ex.counts["partial_runs"] / ex.counts["partial_loads"]
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.peak_device_bytes = peak_device_bytes(self.model.device)

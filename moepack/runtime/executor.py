@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from moepack.format import Pack, projection_parts
 from moepack.format.constants import PROJECTIONS
 from moepack.kernels import Backend, matmul, matmul_t
-from moepack.runtime.adaptive import big_little_mask, little_share, reweight, select_channels
+from moepack.runtime.adaptive import big_little_mask, little_share, reweight, row_runs, select_channels
 from moepack.runtime.cache import ExpertCache
 from moepack.runtime.streamer import Streamer
 
@@ -299,6 +299,8 @@ class StreamingExecutor:
         full = sum(p.nbytes for prec in rec.projections.values() for p in prec.parts)
         self.cache.stats.bytes_loaded += moved
         self.counts["partial_loads"] += 1
+        self.counts["partial_runs"] += row_runs(rows_cpu.tolist())  # contiguous reads per part of gate / down
+        self.counts["partial_rows"] += rows.numel()
         self.counts["partial_bytes"] += moved
         self.counts["partial_bytes_saved"] += full - moved
         self.counts["rows_kept"] += rows.numel() * x.shape[0]
