@@ -273,7 +273,7 @@ def drive(policy, slots: int, routing: list[dict[int, int]], layers: int, bypass
     """The executor's protocol on an ExpertCache: visit, then resident experts first (pinned), then misses
     (cached, or under bypass streamed when the policy does not admit them). Returns the misses."""
     cache = ExpertCache(slots, 1, "cpu", policy)
-    cache.bypass = cache.policy.bypass = bypass
+    cache.policy.bypass = bypass
     misses = 0
     for i, uses in enumerate(routing):
         layer = i % layers
@@ -306,7 +306,7 @@ def test_a_ghost_replays_the_cache_under_its_estimate(bypass):
         ghost.estimate.visit(layer, uses, 1)
         ghost.order.visited(layer)
         busy = [(layer, e) for e in uses]
-        for key in sorted(busy, key=lambda k: k not in ghost.resident):  # the order drive() uses
+        for key in sorted(busy, key=lambda k: k not in ghost.order.entry):  # the order drive() uses
             ghost.access(key, set(busy), bypass)
     assert ghost.misses == real
 

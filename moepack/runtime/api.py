@@ -103,8 +103,8 @@ class MoePackModel:
         layers)|reuse (the default: evicts the expert whose next use is expected farthest away, adapting how
         fast it forgets routing to the model; with `bypass`, also on by default, it moved the fewest bytes of
         the policies on both benchmark models at every budget, docs/benchmarks.md "prefetch");
-        `cache_prior`: lfu and reuse start from the pack's profiled routing frequencies (off by default: it measured worse, docs/benchmarks.md
-        "prefetch"); `prefetch` none|fate
+        `cache_prior`: lfu and reuse start from the pack's profiled routing frequencies (off by default: it
+        measured worse, docs/benchmarks.md "prefetch"); `prefetch` none|fate
         (next-layer prediction; `prefetch_width` experts per token, default top-k; a prediction is loaded only
         if its measured hit rate is at least `prefetch_min_prob`);
         `adaptive_k` off or a threshold in (0, 1] (big-little: a token whose little half of top-k carries that

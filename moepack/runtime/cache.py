@@ -27,15 +27,15 @@ class Policy:
     (otherwise it streams only the rows it needs). `beyond`: judge a prediction by its uses after the predicted
     one, as its demand miss would be judged (under partial loads that use is served either way, by a cheaper
     partial read). The default compares decayed use counts (TinyLFU-style admission), for a prediction its
-    count scaled up by `prob`; policies that estimate reuse override it. `bypass` (set by the cache): misses
-    may skip the cache when not admitted, so a policy that simulates the cache replays them that way."""
+    count scaled up by `prob`; policies that estimate reuse override it. `bypass` (set by the executor):
+    misses may skip the cache when not admitted, so a policy that simulates the cache replays them that way."""
 
     name = "base"
 
     def __init__(self) -> None:
         self.uses: dict[Key, float] = {}  # decayed demand uses, for admission
         self.uses_t = 0
-        self.bypass = False  # set by the cache: a miss the policy does not admit may skip the cache
+        self.bypass = False  # set by the executor: a miss the policy does not admit may skip the cache
 
     def touch(self, key: Key) -> None: ...
     def refresh(self, key: Key) -> None: ...
@@ -166,8 +166,8 @@ class ReuseEstimate:
 
     Counted in visits from the start (`when`), that expected time changes only when the expert's own layer is
     visited (p changes) or it is hinted, so it is cached per expert until then, and an index of the residents
-    ordered by it (`Farthest`) needs renewing only for those. `popularity` (profiled routing probabilities) is a prior worth
-    `prior_tokens` tokens that never decays."""
+    ordered by it (`Farthest`) needs renewing only for those. `popularity` (profiled routing probabilities) is
+    a prior worth `prior_tokens` tokens that never decays."""
 
     def __init__(self, layers: list[int], half_life: float, *, prior: float = 0.25,
                  popularity: dict[Key, float] | None = None, prior_tokens: float = PRIOR_TOKENS):
@@ -296,10 +296,6 @@ class Ghost:
         self.misses = 0.0
         self.t = 0
 
-    @property
-    def resident(self) -> dict[Key, tuple]:
-        return self.order.entry
-
     def access(self, key: Key, busy: set[Key], bypass: bool) -> None:
         self.t += 1
         if key in self.order.entry:
@@ -328,7 +324,8 @@ class Reuse(Policy):
     within a few tokens (8). With several `half_life`s (and the slot count) the policy keeps one estimate per
     half-life and a ghost cache for each, a replay of the cache under that estimate's choices with keys only,
     and follows the estimate whose ghost has missed least lately (adaptive caching by following the best of
-    several experts, as in ACME). `bypass` (set by the cache): the ghosts replay misses that need not be cached.
+    several experts, as in ACME). `bypass` (set by the executor): the ghosts replay misses that need not be
+    cached.
 
     `popularity` (the profiled probability that a token routes to each expert, from the pack's calibration
     run) is a prior worth `prior_tokens` tokens that never decays, so a cold cache ranks experts before it has
@@ -494,9 +491,6 @@ class ExpertCache:
         self.buffer = torch.empty((slots, slot_bytes), dtype=torch.uint8, device=self.device, pin_memory=pin_memory)
         self.policy = (make_policy(policy, slots=slots, layers=layers, popularity=popularity)
                        if isinstance(policy, str) else policy)
-        # set by the executor: it may serve a miss the policy does not admit (`admits`) without a slot, streamed
-        # through or as only the rows it needs; the policy is told too
-        self.bypass = self.policy.bypass = False
         self.where: dict[Key, int] = {}  # resident key -> slot
         self.free = list(range(slots - 1, -1, -1))
         self.pinned: set[Key] = set()  # in use by the layer being computed: not evictable

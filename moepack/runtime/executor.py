@@ -94,7 +94,7 @@ class StreamingExecutor:
         self.partial_loads = partial_loads and sparse_keep is not None and cache is not None
         self.bypass = bypass and cache is not None
         if cache is not None:
-            cache.bypass = cache.policy.bypass = self.bypass or self.partial_loads
+            cache.policy.bypass = self.bypass or self.partial_loads  # its ghost caches replay bypasses
         self.transit: torch.Tensor | None = None  # CUDA: the slot-sized buffer bypassed experts stream through
         self.device = device if device is not None else (cache.device if cache is not None else torch.device("cpu"))
         self.pending: dict[Key, torch.cuda.Event] = {}
