@@ -13,6 +13,7 @@ expert at a time, see moepack.profile). How the recipes are chosen:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,9 +25,10 @@ import torch
 from moepack import __version__
 from moepack.arch import adapter_for, spec_from_config
 from moepack.codecs import decode, encode, parse_recipe, quantize_rtn
-from moepack.errors import CodecError
+from moepack.errors import CodecError, ConfigError
 from moepack.format import PackWriter
-from moepack.format.constants import DEFAULT_SHARD_BYTES, PROJECTIONS
+from moepack.format.constants import DEFAULT_SHARD_BYTES, EXPERT_ALIGNMENT, PROJECTIONS, SHARD_HEADER_BYTES
+from moepack.format.publish import OutputLock, check_output, output_path, recover_locked, sweep_stale
 from moepack.plan.allocate import Allocation, check_reachable, plan_from_profile
 from moepack.plan.uniform import parse_recipe_spec, uniform_for_ratio
 from moepack.profile.profiler import (
@@ -39,6 +41,8 @@ from moepack.profile.profiler import (
 from moepack.source import Checkpoint, default_pack_path, resolve_source
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+NoticeFn = Callable[[str], None]  # something the user should know (a recovered pack, a removed partial)
+MIN_SHARD_BYTES = SHARD_HEADER_BYTES + EXPERT_ALIGNMENT  # a shard header and one aligned record
 Plan = dict[tuple[int, int, str], str]  # (layer, expert, proj) -> recipe
 
 
@@ -59,6 +63,7 @@ class CompressReport:
     planned_ratio: float | None = None
     profile_seconds: float | None = None
     calibration_tokens: int | None = None
+    notices: list[str] = field(default_factory=list)  # what compress repaired or removed before writing
 
     @property
     def ratio(self) -> float:
@@ -91,22 +96,59 @@ def encode_rtn(w: torch.Tensor, r) -> dict[str, torch.Tensor]:
     return quantize_rtn(w, r.bits, r.group)
 
 
+def check_options(*, recipe: str | None, target_ratio: float | None, shard_bytes: int) -> None:
+    """Refuse bad option values before anything is loaded or profiled (ConfigError naming the option)."""
+    if recipe is not None and target_ratio is not None:
+        raise ConfigError("give --recipe or --target-ratio, not both")
+    if target_ratio is not None:
+        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)):
+            raise ConfigError(f"--target-ratio must be a number, got {target_ratio!r}")
+        if not math.isfinite(target_ratio) or target_ratio <= 1:
+            raise ConfigError(f"--target-ratio must be a finite number above 1 (source expert bytes / packed "
+                              f"expert bytes), got {target_ratio:g}; for a lossless pack give neither "
+                              f"--target-ratio nor --recipe")
+    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < MIN_SHARD_BYTES:
+        raise ConfigError(f"--shard-size must be at least {MIN_SHARD_BYTES} bytes (a shard header and one "
+                          f"aligned record), got {shard_bytes!r}")
+
+
 def compress(src: str, out: str | Path | None = None, *, recipe: str | None = None, target_ratio: float | None = None,
              plan: Plan | None = None, calib: str | Path | None = None, force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
              progress: ProgressFn | None = None, frequencies: dict[tuple[int, int], float] | None = None,
              meta: dict | None = None, uniform: bool = False, candidates: Sequence[str] | None = None,
-             profile: Profile | None = None, rtn: bool = False) -> CompressReport:
+             profile: Profile | None = None, rtn: bool = False, notice: NoticeFn | None = None) -> CompressReport:
     """Compress `src` into a pack. Exactly one of `recipe`, `target_ratio` or `plan` decides the recipes (see
     the module docstring); with none, experts are stored losslessly in their source dtype. `profile` reuses a
     finished `moepack.profile.profile(...)` instead of profiling again; `candidates` are the recipes the
     profiler measures and the planner chooses from (default moepack.profile.DEFAULT_CANDIDATES). `rtn` encodes
     plain group-quantisation recipes with min/max round-to-nearest instead of the optimised quantiser: the
-    baseline of benchmarks/quality.py (same format, same bytes)."""
+    baseline of benchmarks/quality.py (same format, same bytes).
+
+    Before loading anything: bad option values are refused (ConfigError); the output path is locked for the
+    whole run (OutputInUseError if another compress writes it); what killed compresses left there is repaired
+    or removed (each action is passed to `notice`, default: printed on stderr, and kept in the report's
+    `notices`); an existing path is refused unless it is a pack and `force` is set (OutputExistsError)."""
+    check_options(recipe=recipe, target_ratio=target_ratio, shard_bytes=shard_bytes)
+    out = output_path(out if out is not None else default_pack_path(src))
+    say = notice or (lambda msg: print(f"moepack: {msg}", file=sys.stderr))
+    with OutputLock(out):
+        notices = [m for m in [recover_locked(out), *sweep_stale(out.parent, skip=out.name)] if m]
+        for msg in notices:
+            say(msg)
+        check_output(out, force)  # fail now, not after profiling
+        report = _compress(src, out, recipe=recipe, target_ratio=target_ratio, plan=plan, calib=calib, force=force,
+                           shard_bytes=shard_bytes, progress=progress, frequencies=frequencies, meta=meta,
+                           uniform=uniform, candidates=candidates, profile=profile, rtn=rtn)
+    report.notices = notices
+    return report
+
+
+def _compress(src: str, out: Path, *, recipe, target_ratio, plan, calib, force, shard_bytes, progress, frequencies,
+              meta, uniform, candidates, profile, rtn) -> CompressReport:
     t0 = time.perf_counter()
     ckpt = Checkpoint(resolve_source(src), name=str(src))
     spec = spec_from_config(ckpt.config)
     adapter = adapter_for(spec)
-    out = Path(out) if out is not None else default_pack_path(src)
     layers = list(spec.sparse_layer_ids)
     expert_names = {adapter.expert_tensor_ref(layer, e, p).name
                     for layer in layers for e in range(spec.num_experts) for p in PROJECTIONS}
@@ -115,8 +157,6 @@ def compress(src: str, out: str | Path | None = None, *, recipe: str | None = No
     src_dtype = ckpt.info(adapter.expert_tensor_ref(layers[0], 0, "gate").name)[0]
     shape = spec.expert_shape()
     alloc: Allocation | None = None
-    if recipe is not None and target_ratio is not None:
-        raise CodecError("give --recipe or --target-ratio, not both")
     if plan is None:
         per_proj = None
         if target_ratio is not None and not uniform:

@@ -70,3 +70,38 @@ class BudgetError(MoepackError):
 
 class KernelUnavailableError(MoepackError):
     """A requested kernel backend cannot be built or used here."""
+
+
+class ConfigError(MoepackError):
+    """An option has a value it cannot take, or needs another option it was given without."""
+
+
+# --- added for hostile packs (issue 15) ------------------------------------------------------
+class UnsafeFileError(UnsafePathError):
+    """A pack file is a symbolic link, a FIFO, a device or another non-regular file, or is too large."""
+
+
+class TokenizerError(PackFormatError):
+    """The pack's tokenizer.json cannot be parsed, or does not fit the model."""
+
+
+class ModelMismatchError(PackFormatError):
+    """The manifest's records do not match the model its config describes (missing tensors or experts,
+    wrong shapes)."""
+
+
+class ModelConfigError(UnsupportedModelError):
+    """A config.json value has the wrong type or is out of range (a non-integer head_dim, zero heads, ...)."""
+
+
+# --- writing a pack (issue 15: writers that cannot destroy) ----------------------------------------
+class PackWriteError(MoepackError):
+    """The pack cannot be written at the output path (disk full, permission denied, read-only file system)."""
+
+
+class OutputExistsError(PackWriteError):
+    """The output path exists: a pack without --force, or something that is not a pack (never replaced)."""
+
+
+class OutputInUseError(PackWriteError):
+    """Another compress is writing the same output path right now (its lock file is held)."""

@@ -13,7 +13,7 @@ from conftest import FAMILIES
 
 from moepack.codecs import decode, parse_recipe
 from moepack.compress import compress, load_expert
-from moepack.errors import CodecError, MoepackError, SourceError, UnsupportedModelError
+from moepack.errors import CodecError, OutputExistsError, SourceError, UnsupportedModelError
 from moepack.format import Pack, projection_parts
 from moepack.source import Checkpoint
 
@@ -95,13 +95,14 @@ def test_interrupted_compress_leaves_no_pack(baby, tmp_path, monkeypatch):
 def test_existing_pack_needs_force(baby, tmp_path):
     out = compress(str(baby("mixtral")), tmp_path / "p.moepack", recipe="q4g32").path
     before = digest_dir(out)
-    with pytest.raises(MoepackError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
         compress(str(baby("mixtral")), out, recipe="q2g32")
     assert digest_dir(out) == before
     compress(str(baby("mixtral")), out, recipe="q2g32", force=True)
     assert digest_dir(out) != before
     with Pack(out, verify=True):
         pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.moepack"]  # no old pack, partial or lock left
 
 
 def test_sharded_checkpoint_and_small_shards(tmp_path):

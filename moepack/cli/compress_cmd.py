@@ -16,12 +16,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from moepack.errors import ConfigError, MoepackError
 from moepack.units import format_size, parse_size
 
 
 def run(src: str, out: Path | None, *, target_ratio, recipe, calib, shard_size: str, force: bool, json_out: bool) -> None:
-    from moepack.compress import compress
+    from moepack.compress import check_options, compress
 
+    try:
+        shard_bytes = parse_size(shard_size)
+    except MoepackError as exc:
+        raise ConfigError(f"--shard-size: {exc}") from None
+    check_options(recipe=recipe, target_ratio=target_ratio, shard_bytes=shard_bytes)  # before any loading
     console = Console(stderr=json_out)
     columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -33,14 +39,17 @@ def run(src: str, out: Path | None, *, target_ratio, recipe, calib, shard_size: 
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
 
+        def notice(msg: str) -> None:
+            console.print(f"[yellow]note:[/] {msg}", highlight=False)
+
         report = compress(src, out, recipe=recipe, target_ratio=target_ratio, calib=calib, force=force,
-                          shard_bytes=parse_size(shard_size), progress=progress)
+                          shard_bytes=shard_bytes, progress=progress, notice=notice)
     summary = {
         "path": str(report.path), "source": report.source, "model_type": report.model_type,
         "source_bytes": report.source_expert_bytes, "pack_bytes": report.pack_expert_bytes,
         "ratio": round(report.ratio, 4), "target_ratio": report.target_ratio, "dense_bytes": report.dense_bytes,
         "experts": report.num_experts, "recipes": dict(report.recipes), "mean_relative_error": report.mean_error,
-        "seconds": round(report.seconds, 2),
+        "seconds": round(report.seconds, 2), "notices": report.notices,
     }
     if report.expected_error is not None:  # a profiled plan: what the planner expected, and the calibration
         summary.update(planned_ratio=round(report.planned_ratio, 4), expected_error=report.expected_error,

@@ -1,14 +1,20 @@
 """PackWriter: streams records into size-limited shards inside a temporary directory and publishes the
 pack atomically (fsync, then rename) only when everything is written. Output is deterministic: the same
-calls in the same order give the same bytes."""
+calls in the same order give the same bytes.
+
+It cannot destroy (moepack.format.publish): it holds a lock on the output path while it writes, replaces
+only a moepack pack (and only with `overwrite`), turns disk-full and permission failures into
+PackWriteError, and leaves the old pack or the new one at the path, never neither; `recover_replace(path)`
+repairs what a killed writer left."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +34,16 @@ from moepack.format.constants import (
     SHARD_MAGIC,
     SHARD_NAME_FORMAT,
     TENSOR_ALIGNMENT,
+)
+from moepack.format.publish import (
+    OutputLock,
+    check_output,
+    hidden,
+    output_path,
+    recover_locked,
+    recover_replace,
+    remove_tree,
+    write_error,
 )
 from moepack.format.records import ExpertRecord, PartRecord, ProjectionRecord, ShardRecord, TensorRecord
 from moepack.format.validate import check_file_name
@@ -54,17 +70,28 @@ class PackWriter:
     """Write a pack: `add_tensor` / `add_expert` / `add_file` in a fixed order, then `finish()`.
 
     Used as a context manager, an exception aborts and removes the temporary directory, so an
-    interrupted compress never leaves anything that looks like a pack at `path`."""
+    interrupted compress never leaves anything that looks like a pack at `path`. Construction takes the
+    output lock (OutputInUseError if another writer has it), repairs what killed writers left (the message is
+    in `recovered`), and refuses an existing path that is not a pack, or a pack without `overwrite`
+    (OutputExistsError)."""
 
     def __init__(self, path: str | Path, *, model: dict, source: dict, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False, meta: dict | None = None):
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise MoepackError("already exists; pass --force to replace it", path=self.path)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        if shard_bytes <= 0:
+            raise MoepackError(f"shard size must be positive, got {shard_bytes}")
+        self.path = output_path(path)
+        self.overwrite = overwrite
+        self.tmp = hidden(self.path, "partial")
+        self._lock, self._locked = OutputLock(self.path).acquire(), True
+        try:
+            self.recovered = recover_locked(self.path)
+            check_output(self.path, overwrite)
+            with self._io("creating the temporary pack folder"):
+                remove_tree(self.tmp)  # this PID's, from an earlier process: nobody writes it (we hold the lock)
+                self.tmp.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
         self.model, self.source, self.meta = model, source, dict(meta or {})
         self.shard_bytes = shard_bytes
         self.shards: list[ShardRecord] = []
@@ -113,10 +140,19 @@ class PackWriter:
         self._pos += len(data)
 
     # -- records -----------------------------------------------------------------------------------
+    @contextmanager
+    def _io(self, doing: str) -> Iterator[None]:
+        """OSError (disk full, permission, ...) -> PackWriteError naming the path."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_error(exc, self.path, doing) from None
+
     def add_tensor(self, name: str, tensor: torch.Tensor) -> TensorRecord:
         data = tensor_bytes(tensor)
-        shard, offset = self._reserve(len(data), TENSOR_ALIGNMENT)
-        self._write(data)
+        with self._io(f"writing tensor {name}"):
+            shard, offset = self._reserve(len(data), TENSOR_ALIGNMENT)
+            self._write(data)
         rec = TensorRecord(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), shard, offset, len(data), checksum(data))
         self.tensors.append(rec)
         return rec
@@ -139,15 +175,16 @@ class PackWriter:
                 pos += len(data)
             err = (errors or {}).get(proj)
             proj_records[proj] = ProjectionRecord(str(recipe), (int(shape[0]), int(shape[1])), tuple(part_records), err)
-        shard, offset = self._reserve(pos, EXPERT_ALIGNMENT)
         digest, written = RunningChecksum(), 0
-        for rel, data in payloads:
-            pad = b"\x00" * (rel - written)
-            digest.update(pad)
-            digest.update(data)
-            self._write(pad)
-            self._write(data)
-            written = rel + len(data)
+        with self._io(f"writing expert {layer}.{expert}"):
+            shard, offset = self._reserve(pos, EXPERT_ALIGNMENT)
+            for rel, data in payloads:
+                pad = b"\x00" * (rel - written)
+                digest.update(pad)
+                digest.update(data)
+                self._write(pad)
+                self._write(data)
+                written = rel + len(data)
         rec = ExpertRecord(layer, expert, shard, offset, pos, digest.hexdigest(), source_bytes, proj_records, frequency)
         self.experts.append(rec)
         return rec
@@ -155,7 +192,8 @@ class PackWriter:
     def add_file(self, name: str, data: bytes) -> None:
         """An auxiliary file stored verbatim beside the manifest (config.json, tokenizer.json, ...)."""
         check_file_name(name, self.path)
-        (self.tmp / name).write_bytes(data)
+        with self._io(f"writing {name}"):
+            (self.tmp / name).write_bytes(data)
         self.files.append(name)
 
     # -- publish -----------------------------------------------------------------------------------
@@ -173,37 +211,66 @@ class PackWriter:
         }
 
     def finish(self) -> Path:
-        self._close_shard()
-        text = json.dumps(self.manifest_json(), indent=1, sort_keys=True, allow_nan=False)
-        for name in self.files:
-            _fsync_file(self.tmp / name)
-        manifest = self.tmp / MANIFEST_NAME
-        manifest.write_text(text + "\n", encoding="utf-8")  # written last: its presence marks completeness
-        _fsync_file(manifest)
-        _fsync_dir(self.tmp)
+        """Write the manifest last, fsync, and publish (the lock is released after)."""
+        with self._io("writing the pack"):
+            self._close_shard()
+            text = json.dumps(self.manifest_json(), indent=1, sort_keys=True, allow_nan=False)
+            for name in self.files:
+                _fsync_file(self.tmp / name)
+            manifest = self.tmp / MANIFEST_NAME
+            manifest.write_text(text + "\n", encoding="utf-8")  # written last: its presence marks completeness
+            _fsync_file(manifest)
+            _fsync_dir(self.tmp)
+        check_output(self.path, self.overwrite)  # again: something may have appeared there meanwhile
         old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        with self._io("publishing the pack"):
+            if os.path.lexists(self.path):
+                old = hidden(self.path, "old")
+                os.replace(self.path, old)  # the commit point: from here recovery completes the replace
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError:
+                if old is not None:  # put the old pack back rather than leave neither
+                    os.replace(old, self.path)
+                raise
+            _fsync_dir(self.path.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         self._done = True
+        self._unlock()
         return self.path
 
-    def abort(self) -> None:
+    def abort(self) -> Path | None:
+        """Remove the temporary folder and release the lock; never raises. Returns the folder if some of it
+        could not be removed (the next compress into this folder removes it)."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()  # on a full disk the final flush fails: the file is removed just below
+            except OSError:
+                pass
             self._fh = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        left = None if remove_tree(self.tmp) else self.tmp
+        self._unlock()
+        return left
+
+    def _unlock(self) -> None:
+        if self._locked:  # once: the lock is re-entrant, and compress() holds it too
+            self._locked = False
+            self._lock.release()
 
     def __enter__(self) -> PackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self._done:
-            self.abort()
+        if exc_type is None and self._done:
+            return
+        left = self.abort()
+        if left is not None and isinstance(exc, MoepackError):
+            raise type(exc)(f"{exc}; could not remove {left} either: the next compress into this folder "
+                            f"removes it") from None
+
+
+__all__ = ["PackWriter", "recover_replace"]
 
 
 def _fsync_file(path: Path) -> None:

@@ -132,9 +132,9 @@ class Profile:
                                    sparse_weight={k: p.energy for k, p in self.experts.items() if p.sparsity})
 
     def summary(self) -> dict:
-        """What the manifest's meta keeps about the calibration."""
-        out = {"source": self.calib_source, "tokens": self.tokens, "candidates": list(self.candidates),
-               "seconds": round(self.seconds, 2)}
+        """What the manifest's meta keeps about the calibration: no timings, so the same input gives the same
+        bytes (the time is in the compress report, and in `compress --json` as profile_seconds)."""
+        out = {"source": self.calib_source, "tokens": self.tokens, "candidates": list(self.candidates)}
         if self.channels_sampled is not None:
             out["channels_sampled"] = self.channels_sampled
         out["rtn_encoded"] = sum(len(v) for p in self.experts.values() for v in p.rtn.values())

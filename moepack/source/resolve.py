@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import textwrap
 from pathlib import Path
 
 from moepack.errors import MoepackError, SourceError
+from moepack.format.publish import recover_replace
 from moepack.format.reader import is_pack
 
 ALIASES = {
@@ -85,14 +88,25 @@ def resolve_source(src: str) -> Path:
 
 
 def resolve_pack(name: str) -> Path:
-    """A pack path for `run`/`inspect`/`eval`: a path to a pack, or a model name whose pack is in the store."""
+    """A pack path for `run`/`inspect`/`eval`/`verify`: a path to a pack, or a model name whose pack is in the
+    store. A replace that a killed compress left half done is repaired first, and said on stderr."""
     local = Path(name).expanduser()
+    _recover(local)
     if local.exists():
         return local
     for candidate in (pack_store() / f"{pack_slug(name)}.moepack", pack_store() / f"{name}.moepack"):
+        _recover(candidate)
         if is_pack(candidate):
             return candidate
     known = sorted(p.name for p in pack_store().glob("*.moepack")) if pack_store().is_dir() else []
     hint = f"packs in the store ({pack_store()}): {', '.join(known)}" if known else f"the store {pack_store()} is empty"
     raise MoepackError(f"no pack for {name!r}: not a path, and no compressed pack of that model ({hint}). "
                        f"Run `moepack compress {name}` first.")
+
+
+def _recover(path: Path) -> None:
+    """moepack.format.publish.recover_replace, saying what it did (cheap when nothing was left behind)."""
+    msg = recover_replace(path)
+    if msg:  # on its own lines, within 80 columns, paths never cut
+        print(textwrap.fill(f"note: {msg}", width=79, break_long_words=False, break_on_hyphens=False),
+              file=sys.stderr)
