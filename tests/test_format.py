@@ -262,3 +262,66 @@ def test_fuzzed_manifest_is_accepted_or_rejected_with_a_typed_error(tiny, data):
         Pack(tiny, verify=True).close()
     except MoepackError:
         pass
+
+
+# --- hostile files (issue 15) ----------------------------------------------------------------------------
+def test_a_symlinked_shard_inside_the_pack_is_refused(tiny):
+    os.rename(tiny / "shard-00000.bin", tiny / "real.bin")
+    (tiny / "shard-00000.bin").symlink_to("real.bin")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        Pack(tiny)
+
+
+def test_a_symlinked_manifest_is_refused(tiny, tmp_path):
+    shutil.move(tiny / "manifest.json", tmp_path / "manifest.json")
+    (tiny / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(UnsafePathError, match="manifest.json is a symbolic link"):
+        Pack(tiny)
+
+
+@pytest.mark.parametrize("text, deep", [
+    (b'{"a": [[[1]]]}', False), (b'{"a": "[[[[[[[[[[[[[["}', False), (b'{"a": "\\\\", "b": [[[[[[[]]]]]]]}', True),
+    (b'{"a": "\\"[[[[[[[[[[\\""}', False), (b'[' * 7 + b']' * 7, True),
+])
+def test_json_depth_is_counted_outside_strings(tmp_path, text, deep):
+    from moepack.format.validate import check_json_depth
+
+    if deep:
+        with pytest.raises(ManifestError, match="nested more than 6"):
+            check_json_depth(text, tmp_path, limit=6)
+    else:
+        check_json_depth(text, tmp_path, limit=6)
+
+
+def test_a_shard_truncated_after_open_is_a_typed_error_not_a_signal(tiny):
+    with Pack(tiny) as p:
+        rec = p.manifest.experts[-1]
+        os.truncate(tiny / p.manifest.shards[rec.shard].name, rec.offset + 10)
+        with pytest.raises(TruncatedError, match="truncated while in use"):
+            p.expert_blob(*rec.key)
+        with pytest.raises(TruncatedError):
+            p.read_expert_into(*rec.key, torch.empty(rec.nbytes, dtype=torch.uint8))
+
+
+def test_blobs_are_private_copies_checked_on_every_slot_load(tiny):
+    with Pack(tiny) as p:
+        rec = p.manifest.experts[0]
+        blob = p.expert_blob(*rec.key, verify=True).clone()
+        slot = torch.empty(rec.nbytes + 64, dtype=torch.uint8)
+        assert torch.equal(p.read_expert_into(*rec.key, slot), blob)
+        with open(tiny / p.manifest.shards[rec.shard].name, "r+b") as fh:
+            fh.seek(rec.offset)
+            fh.write(bytes([fh.read(1)[0] ^ 1]))
+        assert torch.equal(p.expert_blob(*rec.key, verify=True), blob)  # the copy read before the change
+        with pytest.raises(ChecksumError, match="changed while in use"):
+            p.read_expert_into(*rec.key, slot)
+        p.release(*rec.key)
+        with pytest.raises(ChecksumError):
+            p.expert_blob(*rec.key, verify=True)
+
+
+@pytest.mark.parametrize("value", [10**400, "0.5", True])
+def test_record_numbers_must_be_finite(tiny, value):
+    edit_manifest(tiny, lambda m: m["experts"][0].update(frequency=value))
+    with pytest.raises(ManifestError, match="frequency"):
+        Pack(tiny)

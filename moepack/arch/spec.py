@@ -5,10 +5,11 @@ Pure Python (no torch, no transformers), so the pack reader and the CLI can impo
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from moepack.errors import UnsupportedModelError
+from moepack.errors import ModelConfigError, UnsupportedModelError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -69,6 +70,49 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self) -> None:
+        """Refuse a spec the forward cannot run (ModelConfigError), so a damaged config fails at load."""
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                    "moe_intermediate_size", "num_experts", "top_k", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ModelConfigError(f"{self.family}: {name} must be a positive integer, got {value!r:.40}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(f"{self.family}: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                              f"{self.num_kv_heads}")
+        if self.top_k > self.num_experts:
+            raise ModelConfigError(f"{self.family}: top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if not _finite(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise ModelConfigError(f"{self.family}: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not _finite(self.rope.theta) or self.rope.theta <= 0:
+            raise ModelConfigError(f"{self.family}: rope theta must be a positive number, got {self.rope.theta!r}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                     "attention_factor", "mscale", "mscale_all_dim", "partial_rotary_factor"):
+            value = getattr(self.rope, name)
+            if value is not None and not _finite(value):
+                raise ModelConfigError(f"{self.family}: rope {name} must be a finite number, got {value!r}")
+        if not 0 < self.rope.partial_rotary_factor <= 1 or (self.head_dim * self.rope.partial_rotary_factor) % 2:
+            raise ModelConfigError(f"{self.family}: partial_rotary_factor {self.rope.partial_rotary_factor} with head_dim "
+                              f"{self.head_dim} does not give an even rotary dimension")
+        if self.sparse_layers and len(self.sparse_layers) != self.num_layers:
+            raise ModelConfigError(f"{self.family}: {len(self.sparse_layers)} layer kinds for {self.num_layers} layers")
+        for name in ("shared_expert_intermediate_size",):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ModelConfigError(f"{self.family}: {name} must be a non-negative integer, got {value!r:.40}")
+        if self.dense_intermediate_size is not None and (
+                not _is_int(self.dense_intermediate_size) or self.dense_intermediate_size < 1):
+            raise ModelConfigError(f"{self.family}: intermediate_size must be a positive integer, "
+                              f"got {self.dense_intermediate_size!r:.40}")
+        if self.clip_qkv is not None and (not _finite(self.clip_qkv) or self.clip_qkv <= 0):
+            raise ModelConfigError(f"{self.family}: clip_qkv must be a positive number, got {self.clip_qkv!r}")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise ModelConfigError(f"{self.family}: sliding_window must be a positive integer, got {self.sliding_window!r}")
+        ids = ((self.bos_token_id,) if self.bos_token_id is not None else ()) + tuple(self.eos_token_ids)
+        if not all(_is_int(i) and 0 <= i for i in ids):
+            raise ModelConfigError(f"{self.family}: token ids must be non-negative integers, got {list(ids)[:8]}")
+
     # --- derived ---------------------------------------------------------------------------------
     @property
     def q_size(self) -> int:
@@ -114,6 +158,61 @@ class ModelSpec:
 
 
 # --- config.json helpers used by the adapters --------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# config.json keys the adapters read as integers, with the largest value accepted (a bound far above any real
+# model that keeps a damaged config from building million-entry layer tables before the shape checks run)
+INT_KEYS = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 20, "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14, "head_dim": 1 << 16, "intermediate_size": 1 << 22,
+    "moe_intermediate_size": 1 << 22, "num_experts": 1 << 16, "num_local_experts": 1 << 16,
+    "num_experts_per_tok": 1 << 16, "max_position_embeddings": 1 << 40, "shared_expert_intermediate_size": 1 << 22,
+    "decoder_sparse_step": 1 << 12, "sliding_window": 1 << 40, "max_window_layers": 1 << 12,
+    "original_max_position_embeddings": 1 << 40, "bos_token_id": 1 << 24,
+}
+FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor", "clip_qkv")
+
+
+def check_config_values(config: dict, family: str) -> None:
+    """Types and ranges of the config.json values the adapters read (ModelConfigError), before any is used:
+    a head_dim of 1.5 or a layer count of "3" is refused here instead of failing inside attention."""
+    for key, limit in INT_KEYS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 128.0 from a hand-edited config is still 128
+        if not _is_int(value) or not 0 <= value <= limit:
+            raise ModelConfigError(f"{family} config.json: {key} must be an integer in [0, {limit}], got {value!r:.40}")
+    for key in FLOAT_KEYS:
+        value = config.get(key)
+        if value is not None and not _finite(value):
+            raise ModelConfigError(f"{family} config.json: {key} must be a finite number, got {value!r:.40}")
+    eos = config.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(_is_int(i) and 0 <= i < 1 << 24 for i in eos) or len(eos) > 1024:
+        raise ModelConfigError(f"{family} config.json: eos_token_id must be an id or a list of ids, got {eos!r:.60}")
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ModelConfigError(f"{family} config.json: {key} must be an object, got {value!r:.40}")
+        for k, v in (value or {}).items():
+            if k not in ("rope_type", "type", "truncate") and v is not None and not _finite(v):
+                raise ModelConfigError(f"{family} config.json: {key}.{k} must be a finite number, got {v!r:.40}")
+    for key in ("mlp_only_layers", "layer_types"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) > INT_KEYS["num_hidden_layers"]):
+            raise ModelConfigError(f"{family} config.json: {key} must be a list, got {value!r:.40}")
+    if not all(_is_int(i) for i in config.get("mlp_only_layers") or []):
+        raise ModelConfigError(f"{family} config.json: mlp_only_layers must list layer numbers")
+
+
 def require(config: dict, key: str, family: str) -> Any:
     value = config.get(key)
     if value is None:
@@ -124,8 +223,13 @@ def require(config: dict, key: str, family: str) -> Any:
 def rope_from_config(config: dict, default_theta: float) -> RopeSpec:
     """Read RoPE settings from either the v5 `rope_parameters` dict or v4 `rope_theta` + `rope_scaling`."""
     # transformers gives a v4 `rope_scaling` priority over `rope_parameters` when both are present
-    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
-    theta = params.get("rope_theta", config.get("rope_theta", default_theta))
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ModelConfigError(f"rope_scaling / rope_parameters must be an object, got {params!r:.40}")
+    params = dict(params)
+    theta = params.get("rope_theta")
+    theta = config.get("rope_theta") if theta is None else theta
+    theta = default_theta if theta is None else theta
     rtype = params.get("rope_type", params.get("type", "default")) or "default"
     if rtype not in ROPE_TYPES:
         raise UnsupportedModelError(
@@ -144,8 +248,8 @@ def rope_from_config(config: dict, default_theta: float) -> RopeSpec:
         low_freq_factor=num("low_freq_factor"), high_freq_factor=num("high_freq_factor"),
         beta_fast=num("beta_fast"), beta_slow=num("beta_slow"), attention_factor=num("attention_factor"),
         mscale=num("mscale"), mscale_all_dim=num("mscale_all_dim"), truncate=bool(params.get("truncate", True)),
-        partial_rotary_factor=float(params.get("partial_rotary_factor",
-                                               config.get("partial_rotary_factor") or 1.0)),
+        partial_rotary_factor=float(params.get("partial_rotary_factor") or
+                                    config.get("partial_rotary_factor") or 1.0),
     )
     if rtype in ("linear", "dynamic", "llama3") and spec.factor is None:
         raise UnsupportedModelError(f"rope type {rtype!r} needs a 'factor'")
@@ -163,6 +267,7 @@ def eos_ids(config: dict) -> tuple[int, ...]:
 
 def common_fields(config: dict, family: str, *, default_theta: float) -> dict[str, Any]:
     """Fields shared by every family's config.json."""
+    check_config_values(config, family)
     hidden = int(require(config, "hidden_size", family))
     heads = int(require(config, "num_attention_heads", family))
     act = config.get("hidden_act", "silu")
@@ -178,7 +283,7 @@ def common_fields(config: dict, family: str, *, default_theta: float) -> dict[st
         num_kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or hidden // heads),
         top_k=int(require(config, "num_experts_per_tok", family)),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(1e-6 if config.get("rms_norm_eps") is None else config["rms_norm_eps"]),
         rope=rope_from_config(config, default_theta),
         max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

@@ -1,6 +1,6 @@
 """The .moepack container (normative spec: docs/format.md)."""
 
-from moepack.format.reader import Pack, is_pack, projection_parts
+from moepack.format.reader import Pack, check_pack, is_pack, projection_parts
 from moepack.format.records import (
            ExpertRecord,
            Manifest,
@@ -11,5 +11,5 @@ from moepack.format.records import (
 )
 from moepack.format.writer import PackWriter
 
-__all__ = ["Pack", "PackWriter", "is_pack", "projection_parts", "ExpertRecord", "Manifest", "PartRecord",
+__all__ = ["Pack", "PackWriter", "check_pack", "is_pack", "projection_parts", "ExpertRecord", "Manifest", "PartRecord",
            "ProjectionRecord", "ShardRecord", "TensorRecord"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any
@@ -39,6 +40,20 @@ def _dtype(obj: dict, where: str) -> str:
     if dtype not in DTYPES:
         raise ManifestError(f"{where}: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     return dtype
+
+
+def _number(obj: dict, key: str, where: str) -> float | None:
+    """An optional finite number (JSON has no NaN; a huge integer would overflow later arithmetic)."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ManifestError(f"{where}: {key} should be a finite number, got {value!r:.60}")
+    return float(value)
 
 
 def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -85,9 +100,7 @@ class ProjectionRecord:
         if len(shape) != 2:
             raise ManifestError(f"{where}: a projection shape must be 2-D, got {list(shape)}")
         parts = tuple(PartRecord.from_json(p, f"{where} part {i}") for i, p in enumerate(_get(obj, "parts", list, where)))
-        error = obj.get("error")
-        if error is not None and not isinstance(error, (int, float)):
-            raise ManifestError(f"{where}: error should be a number")
+        error = _number(obj, "error", where)
         return cls(_get(obj, "recipe", str, where), (shape[0], shape[1]), parts, error)
 
 
@@ -120,9 +133,7 @@ class ExpertRecord:
     @classmethod
     def from_json(cls, obj: dict, where: str) -> ExpertRecord:
         projs = _get(obj, "projections", dict, where)
-        freq = obj.get("frequency")
-        if freq is not None and not isinstance(freq, (int, float)):
-            raise ManifestError(f"{where}: frequency should be a number")
+        freq = _number(obj, "frequency", where)
         return cls(
             _size(obj, "layer", where), _size(obj, "expert", where), _size(obj, "shard", where),
             _size(obj, "offset", where), _size(obj, "nbytes", where), _get(obj, "checksum", str, where),

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from pathlib import Path
+
+import numpy as np
 
 from moepack.errors import (
     BadMagicError,
@@ -15,6 +18,7 @@ from moepack.errors import (
     OutOfRangeError,
     OverlapError,
     TruncatedError,
+    UnsafeFileError,
     UnsafePathError,
     UnsupportedVersionError,
 )
@@ -42,6 +46,11 @@ from moepack.format.records import (
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
+MAX_FILE_BYTES = 256 << 20  # an auxiliary file (tokenizer.json, config.json, ...) larger than this is refused
+MAX_JSON_DEPTH = 64  # manifest / JSON files nested deeper are refused before parsing (a real one is < 10)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.S)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
 
 def check_file_name(name: str, pack: Path | str) -> None:
     """A shard or auxiliary file name must be a plain file name inside the pack directory."""
@@ -49,20 +58,99 @@ def check_file_name(name: str, pack: Path | str) -> None:
         raise UnsafePathError(f"file name {name!r} is not a plain file name inside the pack directory", path=pack)
 
 
+def open_pack_file(pack: Path, name: str, *, max_bytes: int | None = None) -> tuple[int, os.stat_result]:
+    """Open `pack/name` for reading: it must be a regular file directly inside the pack folder (not a symbolic
+    link, FIFO or device: checked with lstat before opening, then again on the open descriptor, which is opened
+    without following links and non-blocking so nothing can hang), at most `max_bytes` long. Returns the raw
+    descriptor (the caller closes it) and its fstat."""
+    path = pack / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise TruncatedError(f"{name} is missing from the pack", path=path) from None
+    except OSError as exc:
+        raise UnsafeFileError(f"{name} cannot be examined: {exc.strerror}", path=path) from None
+    _check_regular(st, name, path, max_bytes)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise UnsafeFileError(f"{name} cannot be opened: {exc.strerror}", path=path) from None
+    try:
+        fst = os.fstat(fd)
+        _check_regular(fst, name, path, max_bytes)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise UnsafeFileError(f"{name} was replaced while being opened", path=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, fst
+
+
+def _check_regular(st: os.stat_result, name: str, path: Path, max_bytes: int | None) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeFileError(f"{name} is a symbolic link; every pack file must be a regular file inside the "
+                              "pack folder (copy the file in instead of linking it)", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode) else \
+            "device or socket"
+        raise UnsafeFileError(f"{name} is a {kind}, not a regular file", path=path)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UnsafeFileError(f"{name} is {st.st_size} bytes, over the {max_bytes}-byte limit for this file",
+                              path=path)
+
+
+def read_pack_file(pack: Path, name: str, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The whole of a small pack file (manifest, tokenizer, config), opened as `open_pack_file` does."""
+    fd, st = open_pack_file(pack, name, max_bytes=max_bytes)
+    try:
+        chunks, left = [], st.st_size + 1  # one byte more: a file that grew past its stat size is seen
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise UnsafeFileError(f"{name} cannot be read: {exc.strerror}", path=pack / name) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise UnsafeFileError(f"{name} grew past the {max_bytes}-byte limit while being read", path=pack / name)
+    return data
+
+
+def check_json_depth(data: bytes, path: Path, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than `limit` before parsing it (Python's parser, and code walking the result,
+    would fail with RecursionError). Strings are blanked first, so brackets inside them do not count."""
+    blanked = _JSON_STRING.sub(b'""', data)
+    codes = np.frombuffer(blanked, dtype=np.uint8)
+    steps = ((codes == ord("{")) | (codes == ord("["))).astype(np.int32) - \
+        ((codes == ord("}")) | (codes == ord("]"))).astype(np.int32)
+    if steps.size and int(np.cumsum(steps).max()) > limit:
+        raise ManifestError(f"JSON is nested more than {limit} levels deep; refused before parsing", path=path)
+
+
+def parse_json(data: bytes, path: Path, *, error=ManifestError):
+    """Strict JSON (UTF-8, no NaN/Infinity, depth-bounded) or `error` naming the file."""
+    try:
+        check_json_depth(data, path)
+    except ManifestError as exc:
+        raise error(str(exc).removeprefix(f"{path}: "), path=path) from None
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise error(f"not valid JSON: {exc}", path=path) from None
+
+
 def read_manifest(pack: Path) -> Manifest:
     """Parse and structurally validate `pack/manifest.json` (no payload bytes are touched)."""
     path = pack / MANIFEST_NAME
     if not pack.is_dir():
         raise ManifestError("not a pack directory (expected NAME.moepack/ containing manifest.json)", path=pack)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ManifestError("manifest.json is missing: this is not a complete pack (an interrupted compress?)", path=pack)
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit", path=path)
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise ManifestError(f"not valid JSON: {exc}", path=path) from None
+    obj = parse_json(read_pack_file(pack, MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES), path)
     if not isinstance(obj, dict) or obj.get("magic") != MANIFEST_MAGIC:
         raise BadMagicError(f"magic is {obj.get('magic') if isinstance(obj, dict) else None!r}, expected {MANIFEST_MAGIC!r}", path=path)
     version = obj.get("format_version")
@@ -166,20 +254,36 @@ def _check_parts(where: str, rec, blob_nbytes: int, path: Path) -> None:
 
 
 def check_shard(pack: Path, index: int, rec: ShardRecord) -> None:
-    """The shard exists inside the pack, has the recorded size, and its header matches."""
+    """The shard is a regular file inside the pack, has the recorded size, and its header matches."""
+    fd = open_shard(pack, index, rec)
+    os.close(fd)
+
+
+def open_shard(pack: Path, index: int, rec: ShardRecord) -> int:
+    """`check_shard`, returning the open descriptor (the caller closes it)."""
     path = pack / rec.name
-    real_pack = os.path.realpath(pack)
-    if os.path.commonpath([real_pack, os.path.realpath(path)]) != real_pack:
-        raise UnsafePathError(f"shard {rec.name!r} resolves outside the pack directory", path=pack)
-    if not path.is_file():
-        raise TruncatedError("shard is missing", path=path)
-    size = path.stat().st_size
+    if os.path.islink(path):
+        raise UnsafeFileError(f"shard {rec.name!r} is a symbolic link (it could lead outside the pack directory); "
+                              "shards must be regular files inside the pack", path=path)
+    fd, st = open_pack_file(pack, rec.name)
+    try:
+        check_shard_size(st.st_size, rec, path)
+        head = os.pread(fd, 24, 0)
+        check_shard_header(head, index, rec, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_shard_size(size: int, rec: ShardRecord, path: Path) -> None:
     if size < rec.nbytes:
         raise TruncatedError(f"shard is {size} bytes but the manifest records {rec.nbytes}: the file is truncated", path=path)
     if size > rec.nbytes:
         raise OutOfRangeError(f"shard is {size} bytes but the manifest records {rec.nbytes}: unexpected trailing bytes", path=path)
-    with open(path, "rb") as fh:
-        head = fh.read(24)
+
+
+def check_shard_header(head: bytes, index: int, rec: ShardRecord, path: Path) -> None:
     if len(head) < 24 or head[:8] != SHARD_MAGIC:
         raise BadMagicError(f"shard does not start with the moepack magic {SHARD_MAGIC!r}", path=path)
     version, shard_index, nbytes = struct.unpack("<IIQ", head[8:24])
@@ -188,3 +292,58 @@ def check_shard(pack: Path, index: int, rec: ShardRecord) -> None:
     if shard_index != index or nbytes != rec.nbytes:
         raise ManifestError(f"shard header says index {shard_index}, {nbytes} bytes; manifest says index {index}, "
                             f"{rec.nbytes} bytes", path=path)
+
+
+# --- the manifest against the model its config describes -----------------------------------------------
+def dense_shapes(spec, adapter) -> dict[str, tuple[int, ...]]:
+    """The shape of every dense tensor the forward reads, by on-disk name (roles: arch/base.py)."""
+    h, v, q, kv, e = spec.hidden_size, spec.vocab_size, spec.q_size, spec.kv_size, spec.num_experts
+    norm = {"head": (spec.head_dim, spec.head_dim), "full": (q, kv)}.get(spec.qk_norm, (0, 0))
+    shared, dense = spec.shared_expert_intermediate_size, spec.dense_intermediate_size or 0
+    by_role = {
+        "embed": (v, h), "lm_head": (v, h), "final_norm": (h,), "input_norm": (h,), "post_attn_norm": (h,),
+        "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,),
+        "o_bias": (h,), "q_norm": (norm[0],), "k_norm": (norm[1],), "router": (e, h), "router_bias": (e,),
+        "shared_gate": (shared, h), "shared_up": (shared, h), "shared_down": (h, shared),
+        "shared_expert_gate": (1, h), "mlp_gate": (dense, h), "mlp_up": (dense, h), "mlp_down": (h, dense),
+    }
+    shapes = {name: by_role[role] for role, name in adapter.global_tensor_names().items() if role in by_role}
+    for layer in range(spec.num_layers):
+        for role, name in adapter.layer_tensor_names(layer).items():
+            if role in by_role:
+                shapes[name] = by_role[role]
+    return shapes
+
+
+def check_model(m: Manifest, spec, path: Path) -> None:
+    """Everything the forward reads is in the manifest with the shape the config implies: each dense tensor
+    the family's adapter names, and one expert record per (sparse layer, expert) with [I, H] projections."""
+    from moepack.arch import adapter_for
+    from moepack.errors import ModelMismatchError
+
+    adapter = adapter_for(spec)
+    records = {t.name: t for t in m.tensors}
+    shapes = dense_shapes(spec, adapter)
+    for name in adapter.dense_tensor_names():
+        rec = records.get(name)
+        if rec is None:
+            raise ModelMismatchError(f"the {spec.family} model reads the dense tensor {name!r}, which the manifest "
+                                     "does not list (renamed or removed?)", path=path)
+        want = shapes.get(name)
+        if want is not None and tuple(rec.shape) != want:
+            raise ModelMismatchError(f"tensor {name!r} has shape {list(rec.shape)} but the config implies "
+                                     f"{list(want)}", path=path)
+    wanted = {(layer, e) for layer in spec.sparse_layer_ids for e in range(spec.num_experts)}
+    have = {e.key for e in m.experts}
+    for keys, what in ((sorted(wanted - have), "missing"), (sorted(have - wanted), "not in the model")):
+        if keys:
+            shown = ", ".join(f"{layer}.{e}" for layer, e in keys[:4]) + (" ..." if len(keys) > 4 else "")
+            raise ModelMismatchError(f"{len(keys)} expert record(s) {what} ({shown}); the config has "
+                                     f"{spec.num_experts} experts in sparse layers "
+                                     f"{list(spec.sparse_layer_ids)[:8]}", path=path)
+    shape = spec.expert_shape()
+    for e in m.experts:
+        for proj, rec in e.projections.items():
+            if tuple(rec.shape) != shape:
+                raise ModelMismatchError(f"expert {e.layer}.{e.expert} {proj}: shape {list(rec.shape)} but the "
+                                         f"config implies {list(shape)}", path=path)

@@ -1,9 +1,13 @@
-"""Moves expert blobs from the memory-mapped pack into cache slots.
+"""Moves expert blobs from the pack's shards into cache slots.
 
-CUDA: mapped pages -> pinned staging buffer (CPU copy) -> slot (async DMA on a side stream); two staging
-buffers alternate so the CPU copy of one expert overlaps the DMA of the previous, and compute waits on a
-per-load event only when it needs that expert. CPU: one copy from the mapped pages into the slot, after
-which the mapped range is dropped from this process (madvise), so resident memory stays within budget."""
+CUDA: shard -> pinned staging buffer (one positioned read) -> slot (async DMA on a side stream); two staging
+buffers alternate so the read of one expert overlaps the DMA of the previous, and compute waits on a
+per-load event only when it needs that expert. CPU: one positioned read straight into the slot.
+
+Every load is checked (with `verify`, the default) against the expert's recorded checksum before the slot
+is used, and reads never go through a memory map: a shard changed while a run streams from it stops the
+run with a ChecksumError naming the shard, and one truncated stops it with a TruncatedError, never a SIGBUS
+or a run on damaged weights (Pack.read_expert_into)."""
 
 from __future__ import annotations
 
@@ -27,19 +31,15 @@ class Streamer:
 
     def load(self, key: Key, dst: torch.Tensor) -> torch.cuda.Event | None:
         """Copy expert `key` into `dst` (a slot view). On CUDA returns the event that marks completion."""
-        src = self.pack.expert_blob(*key, verify=self.verify)
         self.loads += 1
         if not self.cuda:
-            dst.copy_(src)
-            self.pack.release(*key)
+            self.pack.read_expert_into(*key, dst, verify=self.verify)
             return None
         i = self._next
         self._next = (i + 1) % len(self.staging)
         if self.staging_free[i] is not None:
             self.staging_free[i].synchronize()  # the DMA that last read this staging buffer is done
-        stage = self.staging[i][: src.numel()]
-        stage.copy_(src)
-        self.pack.release(*key)
+        stage = self.pack.read_expert_into(*key, self.staging[i], verify=self.verify)
         # the slot may have held an expert whose compute is still queued on the main stream: wait for it
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
