@@ -22,3 +22,17 @@ lint:
 # Benchmarks: numbers land in docs/benchmarks.md.
 bench:
     {{py}} -m benchmarks.run_all
+
+# Mutation fuzzer over whole packs: every mutant runs or is refused with a typed error (docs/reliability.md).
+fuzz MUTANTS="2000" SEED="1":
+    {{py}} tests/fuzz_packs.py --mutants {{MUTANTS}} --seed {{SEED}}
+
+# CUDA kernels against the reference (tests/test_kernels_cuda.py: nvcc compile, binding, GPU products) and
+# their benchmark on the GPU; without a CUDA device the GPU tests and the benchmark skip with the reason.
+gpu-check:
+    {{py}} -m pytest -q -rs tests/test_kernels_cuda.py
+    if {{py}} -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then {{py}} -m benchmarks.bench_kernels --device cuda; else echo "gpu-check: no CUDA device here, benchmark skipped"; fi
+
+# Build the C++ kernels now and check every CPU code path against the reference.
+doctor:
+    {{moepack}} doctor

@@ -2,8 +2,15 @@
 
 Both extensions register the same op signatures `qmatmul`, `qmatmul_t`, `qdequant` (namespaces
 `moepack_cpu` and `moepack_cuda`) for group-quantised matrices (q2/q3/q4, any group that is a multiple of
-32). Up to FUSED_MAX_T tokens run the fused dequantise-and-multiply kernels; more tokens amortise a
-dequantisation well, so those dequantise a block of rows at a time and use the BLAS matmul.
+32). Up to FUSED_MAX_T tokens run the fused kernels; more tokens amortise a dequantisation well, so
+those dequantise a block of rows at a time and use the BLAS matmul (prefill).
+
+On the CPU the library picks the best code path the processor has when it loads (avx512_vnni, avx512,
+avx2, generic: `torch.ops.moepack_cpu.isa()`; MOEPACK_CPU_ISA or `set_isa` choose a lower one). There,
+q2/q4 products of up to FUSED_MAX_T tokens quantise each token's activations per block of 32 values to
+two int8 planes (about 15 bits; MOEPACK_CPU_Q8=1 keeps one plane, as llama.cpp's q8 activations, 0 the
+fp32 kernels) and use integer dot products (vpdpbusd with VNNI); kernels/check.py states the error
+bounds. matmul_t and the dequantiser decode weights bit-exactly.
 
 The C++ extension also serves bf16/fp16 passthrough matrices (`pmatmul`, `pmatmul_t`: weights widened to
 fp32 on the fly, so no per-call upcast of the whole matrix, for rows of a multiple of 32 columns); above

@@ -130,6 +130,15 @@ def resolve_backend(backend: Backend | str, recipe: Recipe | str, device: torch.
     return backend
 
 
+def kernel_name(backend: Backend | str, recipe: Recipe | str, device: torch.device | str) -> str:
+    """The kernels a product of `recipe` runs on, in words: torch, cuda, or cpp-<ISA path> (cpp-avx512-vnni,
+    cpp-avx2, ...), as `moepack doctor` and `run --stats` name them."""
+    chosen = resolve_backend(backend, recipe, device)
+    if chosen is Backend.CPP:
+        return "cpp-" + CPP_EXT.load().isa().replace("_", "-")
+    return chosen.value
+
+
 def matmul(
     x: torch.Tensor,
     parts: dict[str, torch.Tensor],
