@@ -194,7 +194,7 @@ class Workload:
             self.predicted, self.predicted_hits = self.predicted + score.predicted, self.predicted_hits + score.hits
             self.routed += score.actual
         if bounds:
-            trace, spec, slots, start = model.executor.trace, model.spec, model.executor.cache.slots, model._trace_mark
+            trace, spec, slots, start = model.executor.trace, model.spec, model.executor.cache.slots, model.executor.stats.decode_mark
             opt, static = independent_bound(trace, slots, spec.top_k, start=start)
             self.bound_misses.append([opt.misses, static.misses])
             layers = list(spec.sparse_layer_ids)

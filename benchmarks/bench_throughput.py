@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from moepack.runtime.planner import ModelShape, calibrate_engine, measure_hardware, predict
+    from moepack.runtime.calibrate import calibrate_engine, measure_hardware
+    from moepack.runtime.planner import ModelShape, predict
     from moepack.runtime.routing_trace import collect_trace
     from moepack.runtime.throughput import generate_many, load_for_throughput
 
@@ -94,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         slots = max(2, round(frac * total_experts))
         pm = load_for_throughput(path, vram=None, batches=1, slots=slots, context=128, dtype=args.dtype)
         t0 = time.perf_counter()
-        stall0, lat, toks = pm.executor.stall_s, [], 0
+        stall, lat, toks = 0.0, [], 0
         loads0 = pm.executor.streamer.loads
-        for p in prompts:  # the plain runtime, one prompt at a time
-            toks += len(pm.generate(p, max_new_tokens=args.new, stop_at_eos=False).tokens)
+        for p in prompts:  # the engine with one sequence, one prompt at a time
+            g = pm.generate(p, max_new_tokens=args.new, stop_at_eos=False)
+            toks, stall = toks + len(g.tokens), stall + g.stats.stall_s
             lat.append(time.perf_counter() - t0)
         wall = time.perf_counter() - t0
         base_tps = toks / wall
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                        engine=False)
         pred_base = pred.run_tokens_per_s
         rows.append([f"{frac:.0%} ({slots})", "one at a time", f"{base_tps:.2f}", "1.00x", f"{sum(lat) / len(lat):.2f}",
-                     pm.executor.streamer.loads - loads0, f"{(pm.executor.stall_s - stall0) / wall:.1%}",
+                     pm.executor.streamer.loads - loads0, f"{stall / wall:.1%}",
                      f"{pred.run_tokens_per_s:.2f}", f"{pred.run_tokens_per_s / base_tps - 1:+.0%}", "",
                      f"{at_calibration / speed():.2f}"])
         print(rows[-1], flush=True)

@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moepack.errors import MoepackError
 from moepack.kernels import Backend
 from moepack.runtime.adaptive import (
     big_little_mask,
     little_share,
-    parse_fraction,
     reweight,
     row_runs,
     select_channels,
@@ -29,14 +27,6 @@ def test_little_share_mask_and_reweight():
     assert rw[0].tolist() == pytest.approx([0.75, 0.25, 0.0, 0.0]) and torch.equal(rw[1], w[1])
     raw = torch.tensor([[0.3, 0.1]])  # un-normalised top-k keeps its total (0.4)
     assert reweight(raw, big_little_mask(raw, 0.5)[1]).tolist() == [pytest.approx([0.4, 0.0])]
-
-
-def test_parse_fraction():
-    assert parse_fraction("off", "x") is None and parse_fraction(None, "x") is None
-    assert parse_fraction("0.25", "x") == 0.25
-    for bad in ("1.5", "0", "many"):
-        with pytest.raises(MoepackError, match="'off' or a number"):
-            parse_fraction(bad, "x")
 
 
 def test_select_channels_per_token():

@@ -295,7 +295,7 @@ def drive(policy, slots: int, routing: list[dict[int, int]], layers: int, bypass
 def test_a_ghost_replays_the_cache_under_its_estimate(bypass):
     """The adaptive reuse policy scores each half-life by a ghost cache: keys only, no data. A ghost must miss
     exactly where the real cache under that estimate alone misses, bypass or not."""
-    from moepack.runtime.cache import Ghost, ReuseEstimate
+    from moepack.runtime.policies import Ghost, ReuseEstimate
 
     layers, slots = 3, 7
     routing = routed(150, layers, 8, seed=1, block=20)

@@ -135,8 +135,10 @@ def test_mixtral_on_paper_is_transfer_bound():
     assert plan.best.batches > 1 and plan.best.tokens_per_s > 3 * one.tokens_per_s
 
 
-def test_plan_json_fields(baby, tmp_path):
+def test_plan_json_fields(baby, tmp_path, monkeypatch):
     from moepack.compress import compress
+
+    monkeypatch.setenv("MOEPACK_HOME", str(tmp_path / "home"))  # the hardware cache lives there
 
     out = tmp_path / "p.moepack"
     compress(str(baby("mixtral")), out, recipe="q4g32")
@@ -160,7 +162,7 @@ def test_plan_json_fields(baby, tmp_path):
 
 
 def test_measured_curves_are_lower_envelopes():
-    from moepack.runtime.planner import _lower_envelope
+    from moepack.runtime.calibrate import _lower_envelope
 
     # a burst inflated the 8-token point: it falls to the 16-token time; order and other points unchanged
     assert _lower_envelope([(1, 1.0), (2, 1.5), (8, 3.4), (16, 2.0), (32, 2.5)]) == (

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moepack.errors import MoepackError
-from moepack.runtime.prefetch import FatePrefetcher, PredictionScore, parse_prefetch
+from moepack.runtime.prefetch import FatePrefetcher, PredictionScore
 
 
 def test_precision_recall_hand_made():
@@ -52,12 +51,6 @@ def test_prefetcher_predicts_next_layer_and_scores_when_it_routes():
     hook(1, x, None, torch.tensor([[3, 2]]), None)  # routed to 3 and 2: one of two predicted
     assert pf.score.precision == pytest.approx(0.5) and pf.score.recall == pytest.approx(0.5)
     assert len(queued) == 2  # the last layer predicts nothing
-
-
-def test_parse_prefetch():
-    assert parse_prefetch("off") == "none" and parse_prefetch("FATE") == "fate"
-    with pytest.raises(MoepackError, match="choose one of"):
-        parse_prefetch("oracle")
 
 
 def test_rank_calibration_learns_each_ranks_hit_rate():

@@ -76,7 +76,8 @@ def test_gated_prefetch_loads_only_likely_predictions(pack, exact):
     """A probability floor above 1 turns every prediction into a hint: nothing is prefetched, and the
     predictions are still scored."""
     ids, _, want_tokens = exact
-    model = budgeted(pack, 8, prefetch="fate", prefetch_min_prob=1.01)
+    model = budgeted(pack, 8, prefetch="fate")
+    model.executor.prefetch_min_prob = 1.01  # above any measured hit rate (the option itself takes [0, 1])
     gen = model.generate(ids, max_new_tokens=6, stop_at_eos=False)
     assert gen.tokens == want_tokens
     assert gen.stats.prefetch_bytes == 0 and model.executor.counts["prefetch_unlikely"] > 0

@@ -58,26 +58,6 @@ BIG_LITTLE_ERROR = 0.01
 FALLBACK_ERROR = 0.02
 
 
-def parse_fraction(value, what: str, *, auto: bool = False) -> float | str | None:
-    """'off' / None / 0 -> None; 'auto' (where `auto`) -> 'auto'; otherwise a float in (0, 1]."""
-    if value is None or value is False:
-        return None
-    if isinstance(value, str):
-        if value.strip().lower() in ("off", "none", "", "no"):
-            return None
-        if auto and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            value = float(value)
-        except ValueError:
-            raise MoepackError(f"{what} takes 'off'{', auto' if auto else ''} or a number in (0, 1], "
-                               f"not {value!r}") from None
-    value = float(value)
-    if not 0.0 < value <= 1.0:
-        raise MoepackError(f"{what} takes 'off' or a number in (0, 1], not {value}")
-    return value
-
-
 def little_share(topk_weights: torch.Tensor) -> torch.Tensor:
     """[T, k] sorted router weights -> [T] share of the top-k weight carried by the first max(1, k//2)."""
     kl = max(1, topk_weights.shape[1] // 2)

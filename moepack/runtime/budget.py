@@ -1,11 +1,60 @@
-"""Split a memory budget (--vram) into resident dense weights, KV cache, workspace and expert slots."""
+"""The one place a memory budget (--vram) becomes resident dense weights, KV caches, workspace, a transit
+buffer and expert slots. `run`, `plan`, `serve`, the benchmarks and the tests all call `plan_budget` (or
+`slots_left`) with the pack's `MemoryNeeds`, so they cannot disagree about how many experts fit."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 from moepack.errors import BudgetError
 from moepack.units import format_size
+
+PREFILL_CHUNK = 256  # prompt tokens per forward during prefill (bounds activation memory)
+
+
+def workspace_bytes(spec, dtype: torch.dtype) -> int:
+    """Activations of one prefill chunk: hidden states, attention scores, expert intermediates, logits."""
+    per_token = (4 * spec.hidden_size + 3 * spec.moe_intermediate_size + spec.vocab_size
+                 + 2 * spec.num_heads * PREFILL_CHUNK)
+    return 2 * PREFILL_CHUNK * per_token * max(dtype.itemsize, 4)
+
+
+@dataclass(frozen=True)
+class MemoryNeeds:
+    """What a pack needs on the device, part by part, for one device and compute dtype."""
+
+    dense_bytes: int  # resident dense weights, as the model holds them
+    kv_bytes_per_token: int  # one sequence's KV cache per token
+    workspace_bytes: int  # one prefill chunk's activations
+    transit_bytes: int  # CUDA: the one slot that misses skipping the cache stream through
+    slot_bytes: int  # one expert slot (the largest expert)
+    total_experts: int
+    min_slots: int  # a layer's top-k must fit at once
+
+    @classmethod
+    def of(cls, pack, *, device: torch.device, dtype: torch.dtype, backend="auto",
+           streams_misses: bool = False) -> MemoryNeeds:
+        """From the manifest alone (no tensor is read)."""
+        from moepack.format.constants import DTYPES
+        from moepack.runtime.model import KVCache, storage_dtype, widens_on
+
+        spec, device = pack.spec, torch.device(device)
+        widen = widens_on(device, dtype, backend)
+        dense = sum(math.prod(t.shape) * storage_dtype(DTYPES[t.dtype], len(t.shape), dtype, widen).itemsize
+                    for t in pack.manifest.tensors)  # as MoeModel holds them
+        slot = max(e.nbytes for e in pack.manifest.experts)
+        return cls(dense_bytes=dense, kv_bytes_per_token=KVCache.bytes_per_token(spec, dtype),
+                   workspace_bytes=workspace_bytes(spec, dtype),
+                   transit_bytes=slot if streams_misses and device.type == "cuda" else 0,
+                   slot_bytes=slot, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)
+
+    def fixed_bytes(self, context: int, sequences: int = 1) -> int:
+        """Everything but the expert slots, for `sequences` KV caches of `context` tokens."""
+        return (self.dense_bytes + sequences * context * self.kv_bytes_per_token + self.workspace_bytes
+                + self.transit_bytes)
 
 
 @dataclass(frozen=True)
@@ -13,7 +62,7 @@ class BudgetPlan:
     budget: int | None  # None: unlimited (every expert gets a slot)
     dense_bytes: int
     kv_bytes: int
-    workspace_bytes: int
+    workspace_bytes: int  # activations and the transit buffer
     slot_bytes: int
     slots: int
     total_experts: int
@@ -41,19 +90,26 @@ class BudgetPlan:
                 f"{format_size(self.slot_bytes)} = {format_size(self.fixed_bytes + self.expert_bytes)}")
 
 
-def plan_budget(budget: int | None, *, dense_bytes: int, kv_bytes: int, workspace_bytes: int, slot_bytes: int,
-                total_experts: int, min_slots: int, label: str = "--vram") -> BudgetPlan:
-    """Slots for experts from what the budget leaves. Too small: BudgetError with the minimum that works."""
-    fixed = dense_bytes + kv_bytes + workspace_bytes
+def slots_left(budget: int | None, needs: MemoryNeeds, *, context: int, sequences: int = 1) -> int:
+    """Expert slots a budget leaves (every expert with no budget; possibly fewer than a layer needs)."""
     if budget is None:
-        slots = total_experts
-    else:
-        slots = min(total_experts, (budget - fixed) // slot_bytes) if budget > fixed else 0
-        if slots < min_slots:
-            minimum = fixed + min_slots * slot_bytes
-            raise BudgetError(
-                f"{label} {format_size(budget)} is too small: it needs at least {format_size(minimum)} "
-                f"(dense weights {format_size(dense_bytes)} + KV cache {format_size(kv_bytes)} + workspace "
-                f"{format_size(workspace_bytes)} + {min_slots} expert slots of {format_size(slot_bytes)}); "
-                f"shorten the context, or compress harder")
-    return BudgetPlan(budget, dense_bytes, kv_bytes, workspace_bytes, slot_bytes, int(slots), total_experts)
+        return needs.total_experts
+    fixed = needs.fixed_bytes(context, sequences)
+    return int(min(needs.total_experts, (budget - fixed) // needs.slot_bytes)) if budget > fixed else 0
+
+
+def plan_budget(budget: int | None, needs: MemoryNeeds, *, context: int, sequences: int = 1,
+                label: str = "--vram") -> BudgetPlan:
+    """Split the budget. Too small: BudgetError with the minimum that works."""
+    slots = slots_left(budget, needs, context=context, sequences=sequences)
+    kv = sequences * context * needs.kv_bytes_per_token
+    work = needs.workspace_bytes + needs.transit_bytes
+    if budget is not None and slots < needs.min_slots:
+        minimum = needs.fixed_bytes(context, sequences) + needs.min_slots * needs.slot_bytes
+        seqs = f"{sequences} sequences' " if sequences > 1 else ""
+        raise BudgetError(
+            f"{label} {format_size(budget)} is too small: it needs at least {format_size(minimum)} "
+            f"(dense weights {format_size(needs.dense_bytes)} + {seqs}KV cache {format_size(kv)} + workspace "
+            f"{format_size(work)} + {needs.min_slots} expert slots of {format_size(needs.slot_bytes)}); "
+            f"shorten the context, or compress harder")
+    return BudgetPlan(budget, needs.dense_bytes, kv, work, needs.slot_bytes, slots, needs.total_experts)

@@ -9,13 +9,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moepack.arch import RopeSpec
+from moepack.arch import ModelSpec, RopeSpec
 from moepack.errors import UnsupportedModelError
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalise in float32, cast back, then scale."""
+    """transformers' RMSNorm: normalise in float32, cast back, then scale (in float32 torch's fused op, which
+    computes the same numbers in one call)."""
     dtype = x.dtype
+    if dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
@@ -101,10 +104,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, n, T, d]; cos/sin [T, r] with r <= d (partial rotary: the first r dims rotate)."""
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [.., r] with its first half negated: rotate_half(x) * sin == x.roll(r/2) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ssin: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, n, T, d]; cos/sin [T, r] with r <= d (partial rotary: the first r dims rotate). `ssin`:
+    signed_sin(sin), when the caller has it (full rotary then takes four ops, the same numbers)."""
     r = cos.shape[-1]
     if r == x.shape[-1]:
+        if ssin is not None:
+            return x * cos + x.roll(r // 2, -1) * ssin
         return x * cos + _rotate_half(x) * sin
     rot, rest = x[..., :r], x[..., r:]
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
@@ -128,9 +140,62 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            scale: float) -> torch.Tensor:
     """Grouped-query attention. q [B, nh, T, d], k/v [B, nkv, S, d] -> [B, T, nh*d]."""
     b, nh, t, d = q.shape
-    groups = nh // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, nh, T, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=nh != k.shape[1])  # [B, nh, T, d]
     return out.transpose(1, 2).reshape(b, t, nh * d)
+
+
+# --- KV cache ------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` tokens (grows by doubling if exceeded).
+    k/v of layer l: [B, n_kv_heads, capacity, head_dim]; `length` tokens are valid."""
+
+    def __init__(self, spec: ModelSpec, *, capacity: int = 256, batch: int = 1,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.spec, self.batch, self.dtype, self.device = spec, batch, dtype, torch.device(device)
+        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.length = 0
+
+    @staticmethod
+    def bytes_per_token(spec: ModelSpec, dtype: torch.dtype = torch.float32, batch: int = 1) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return 2 * spec.num_layers * batch * spec.num_kv_heads * spec.head_dim * item
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Forget every token from `length` on."""
+        self.length = min(self.length, length)
+
+    def _grow(self, needed: int) -> None:
+        cap = max(needed, 2 * self.capacity)
+        for lst in (self.k, self.v):
+            for i, t in enumerate(lst):
+                new = t.new_zeros((*t.shape[:2], cap, t.shape[3]))
+                new[:, :, : self.length] = t[:, :, : self.length]
+                lst[i] = new
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, nkv, T, d] at positions length..length+T-1; return all valid k/v of the layer.
+        `length` advances only through `advance` (once per forward, after the last layer)."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        kc, vc = self.k[layer], self.v[layer]
+        kc.narrow(2, self.length, end - self.length).copy_(k)
+        vc.narrow(2, self.length, end - self.length).copy_(v)
+        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
+
+    def advance(self, t: int) -> None:
+        self.length += t

@@ -11,21 +11,36 @@ executor of the runtime plugs in the same way. Only torch, moepack.arch and moep
 Dense weight matrices stored in bf16/fp16 stay in that dtype on the CPU when the C++ kernels are there (half
 the memory and half the bytes read per token than float32) and go through the kernels, which widen them to
 float32 exactly for a few tokens, and for many tokens multiply in float32 (float32 compute) or with torch's
-bf16 GEMM (bfloat16 compute); `linear` is the one place every projection goes through."""
+bf16 GEMM (bfloat16 compute). Every projection is a `prepared.Dense`, built once at load."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
+from time import perf_counter
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from moepack.arch import PROJS, ModelSpec, adapter_for, spec_from_config
-from moepack.kernels import Backend, matmul, resolve_backend
-from moepack.runtime.layers import apply_rope, attend, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
+from moepack.kernels import Backend, resolve_backend
+from moepack.runtime.layers import (
+    KVCache,
+    apply_rope,
+    attend,
+    attention_mask,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    signed_sin,
+)
+from moepack.runtime.prepared import CLOCK, Dense
+
+__all__ = ["DenseExpertExecutor", "KVCache", "MoeModel", "Segment", "storage_dtype", "widens_on"]
 
 
 class ExpertExecutor(Protocol):
@@ -71,60 +86,6 @@ class DenseExpertExecutor:
         return out
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for `capacity` tokens (grows by doubling if exceeded).
-    k/v of layer l: [B, n_kv_heads, capacity, head_dim]; `length` tokens are valid."""
-
-    def __init__(self, spec: ModelSpec, *, capacity: int = 256, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        self.spec, self.batch, self.dtype, self.device = spec, batch, dtype, torch.device(device)
-        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
-        self.length = 0
-
-    @staticmethod
-    def bytes_per_token(spec: ModelSpec, dtype: torch.dtype = torch.float32, batch: int = 1) -> int:
-        item = torch.empty((), dtype=dtype).element_size()
-        return 2 * spec.num_layers * batch * spec.num_kv_heads * spec.head_dim * item
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def crop(self, length: int) -> None:
-        """Forget every token from `length` on."""
-        self.length = min(self.length, length)
-
-    def _grow(self, needed: int) -> None:
-        cap = max(needed, 2 * self.capacity)
-        for lst in (self.k, self.v):
-            for i, t in enumerate(lst):
-                new = t.new_zeros((*t.shape[:2], cap, t.shape[3]))
-                new[:, :, : self.length] = t[:, :, : self.length]
-                lst[i] = new
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, nkv, T, d] at positions length..length+T-1; return all valid k/v of the layer.
-        `length` advances only through `advance` (once per forward, after the last layer)."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            self._grow(end)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-
 _WIDE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -141,16 +102,41 @@ def storage_dtype(stored: torch.dtype, ndim: int, dtype: torch.dtype, widen: boo
     return stored if widen and ndim == 2 and stored in _WIDE else dtype
 
 
+
 RouteHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 LayerHook = Callable[[int, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive rows of the token stream: `rows` sequences (sharing `cache`, one row each of its
+    batch) of `t` new tokens each, at positions start..start+t-1. Row-major: sequence r's tokens come first."""
+
+    cache: KVCache | None
+    start: int
+    rows: int
+    t: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.t
+
+
 class MoeModel:
     """Lean decoder forward. `tensors` maps Hugging Face names to tensors (any dtype, possibly mmap-backed);
-    the dense ones are copied once into `dtype` on `device`; experts are never read from `tensors`.
+    the dense ones are copied once into their storage dtype on `device` (q/k/v, and gate/up of dense MLPs and
+    shared experts, side by side in one matrix each: one product instead of three or two); experts are never
+    read from `tensors`.
+
+    The forward runs a *token stream*: the new tokens of any number of sequences stacked as [N, H]; norms,
+    projections, routing and the experts run once over the stack, and only rotary positions, KV caches and
+    the attention core are per sequence (`Segment`). A prompt is a stream of one segment; the engine
+    (runtime/engine.py) stacks every sequence in flight.
 
     Hooks (for profiling and prefetching): `route_hooks` get (layer, x[N,H] router input, logits[N,E] float32,
-    topk_ids[N,k], topk_weights[N,k]); `layer_hooks` get (layer, hidden[N,H]) at the start of each layer."""
+    topk_ids[N,k], topk_weights[N,k]); `layer_hooks` get (layer, hidden[N,H]) at the start of each layer.
+    After each forward, `layer_wall_s` and `layer_kernel_s` hold the wall time of its layers and the part of
+    it spent inside kernels and copies (prepared.CLOCK)."""
 
     def __init__(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], executor: ExpertExecutor, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -160,22 +146,65 @@ class MoeModel:
         self.widen = widens_on(self.device, dtype, self.backend)  # 16-bit matrices through the kernels
         self.names = adapter_for(spec)
         self.w: dict[str, torch.Tensor] = {}
+        self._fused: dict[str, torch.Tensor] = {}
+        self.layers = [self.names.layer_tensor_names(i) for i in range(spec.num_layers)]
+        fused = {("q", "k", "v"): "qkv", ("mlp_gate", "mlp_up"): "mlp_gu", ("shared_gate", "shared_up"): "shared_gu"}
+        for n in self.layers:  # matrices applied to the same input are stored side by side, as views of one
+            for roles in fused:
+                if roles[0] in n:
+                    self._fuse(tensors, [n[r] for r in roles])
         for name in self.names.dense_tensor_names():
-            t = tensors[name]
-            keep = storage_dtype(t.dtype, t.dim(), dtype, self.widen)
-            self.w[name] = t.to(device=self.device, dtype=keep).contiguous()
+            if name not in self.w:
+                self.w[name] = self._keep(tensors[name])
         g = self.names.global_tensor_names()
         self.embed = self.w[g["embed"]]
         self.final_norm = self.w[g["final_norm"]]
         self.lm_head = self.w[g["lm_head"]] if "lm_head" in g else self.embed
-        self.layers = [self.names.layer_tensor_names(i) for i in range(spec.num_layers)]
+        self.head = self.dense(self.lm_head)
+        self.ops: list[dict[str, Dense]] = []
+        for n in self.layers:
+            ops = {}
+            for roles, op in fused.items():
+                if roles[0] in n:
+                    bias = [n.get(f"{r}_bias") for r in roles]
+                    b = torch.cat([self.w[x] for x in bias]) if all(bias) else None
+                    ops[op] = self.dense(self._joined([n[r] for r in roles]), b)
+            ops["o"] = self.dense(self.w[n["o"]], self.w.get(n.get("o_bias", "")))
+            for role in ("router", "mlp_down", "shared_down", "shared_expert_gate"):
+                if role in n:
+                    ops[role] = self.dense(self.w[n[role]], self.w.get(n.get(f"{role}_bias", "")))
+            self.ops.append(ops)
         self.scale = spec.head_dim ** -0.5
+        self.head_norms = [torch.cat((self.w[n["q_norm"]].expand(spec.num_heads, -1),
+                                      self.w[n["k_norm"]].expand(spec.num_kv_heads, -1)))
+                           if spec.qk_norm == "head" else None for n in self.layers]  # [nh + nkv, d]
         self.inv_freq, self.rope_scaling = rope_inv_freq(spec.rope, spec.head_dim, spec.max_position_embeddings)
         self._dynamic_len = spec.max_position_embeddings  # longest sequence the dynamic rope was built for
+        self._rope_table: tuple[torch.Tensor, ...] | None = None
         self.route_hooks: list[RouteHook] = []
         self.layer_hooks: list[LayerHook] = []
+        self.layer_wall_s = self.layer_kernel_s = 0.0
 
     # --- construction helpers ----------------------------------------------------------------------
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=storage_dtype(t.dtype, t.dim(), self.dtype, self.widen)).contiguous()
+
+    def _fuse(self, tensors: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        """One matrix of the `names` matrices side by side; each name keeps a view of its rows."""
+        joined = self._keep(torch.cat([self._keep(tensors[x]) for x in names]))
+        self._fused[names[0]] = joined
+        row = 0
+        for x in names:
+            n = tensors[x].shape[0]
+            self.w[x] = joined[row: row + n]
+            row += n
+
+    def _joined(self, names: list[str]) -> torch.Tensor:
+        return self._fused[names[0]]
+
+    def dense(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> Dense:
+        return Dense(w, bias, widen=self.widen, backend=self.backend)
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", executor: ExpertExecutor | None = None) -> MoeModel:
@@ -200,11 +229,7 @@ class MoeModel:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ w.T for a dense weight w [out, in] (in the compute dtype, or 16-bit: see module doc)."""
-        if not (self.widen and w.dtype in _WIDE):
-            return x @ w.T
-        flat = x.reshape(-1, x.shape[-1])
-        out = matmul(flat, {"values": w}, _WIDE[w.dtype], tuple(w.shape), backend=self.backend)
-        return out.view(*x.shape[:-1], w.shape[0])
+        return (self.head if w is self.lm_head else self.dense(w))(x)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of token ids, in the compute dtype."""
@@ -216,11 +241,7 @@ class MoeModel:
     # --- router --------------------------------------------------------------------------------------
     def router_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Router logits [N, E] of a sparse layer for (post-attention-normed) hidden states x [N, H]."""
-        names = self.layers[layer]
-        logits = self.linear(x, self.w[names["router"]])
-        if "router_bias" in names:
-            logits = logits + self.w[names["router_bias"]]
-        return logits
+        return self.ops[layer]["router"](x)
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [N,E], topk_ids [N,k], topk_weights [N,k]): softmax over all experts in float32, top-k,
@@ -233,87 +254,113 @@ class MoeModel:
         return logits, ids, weights.to(x.dtype)
 
     # --- blocks ----------------------------------------------------------------------------------------
-    def _attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   cache: KVCache | None, start: int) -> torch.Tensor:
+    def attention(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, ...],
+                  segments: list[Segment]) -> torch.Tensor:
+        """x [N, H] (normed) -> attention output [N, H]; rope = (cos, sin, signed sin) [N, 1, r] per row."""
         spec, w, n = self.spec, self.w, self.layers[layer]
-        b, t, _ = x.shape
-        q, k, v = self.linear(x, w[n["q"]]), self.linear(x, w[n["k"]]), self.linear(x, w[n["v"]])
-        if spec.qkv_bias:
-            q, k, v = q + w[n["q_bias"]], k + w[n["k_bias"]], v + w[n["v_bias"]]
+        nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        qkv = self.ops[layer]["qkv"](x)  # [N, (nh + 2 nkv) d]
         if spec.qk_norm == "full":  # OLMoE: over the whole projection
+            q, k, v = qkv.split((nh * d, nkv * d, nkv * d), dim=-1)
             q = rms_norm(q, w[n["q_norm"]], spec.rms_norm_eps)
             k = rms_norm(k, w[n["k_norm"]], spec.rms_norm_eps)
+            qkv = torch.cat((q, k, v), dim=-1)
         if spec.clip_qkv is not None:
-            c = spec.clip_qkv
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        q = q.view(b, t, spec.num_heads, spec.head_dim)
-        k = k.view(b, t, spec.num_kv_heads, spec.head_dim)
-        v = v.view(b, t, spec.num_kv_heads, spec.head_dim)
+            qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
+        qk = qkv[:, : (nh + nkv) * d].view(-1, nh + nkv, d)  # q and k heads side by side
         if spec.qk_norm == "head":  # Qwen3: per head over head_dim
-            q = rms_norm(q, w[n["q_norm"]], spec.rms_norm_eps)
-            k = rms_norm(k, w[n["k_norm"]], spec.rms_norm_eps)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        mask = attention_mask(start, t, k.shape[2], spec.sliding_window_for(layer), x.device)
-        out = attend(q, k, v, mask, self.scale)  # [B, T, nh*d]
-        out = self.linear(out, w[n["o"]])
-        if spec.o_bias:
-            out = out + w[n["o_bias"]]
-        return out
+            qk = _head_norm(qk, self.head_norms[layer], spec.rms_norm_eps)
+        qk = apply_rope(qk, *rope).transpose(0, 1)[None]  # [1, nh + nkv, N, d]
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[:, (nh + nkv) * d:].view(-1, nkv, d).transpose(0, 1)[None]  # [1, nkv, N, d]
+        window, outs, row = spec.sliding_window_for(layer), [], 0
+        for seg in segments:
+            a, row = row, row + seg.tokens
+            qs, ks, vs = (q, k, v) if len(segments) == 1 else (q[:, :, a:row], k[:, :, a:row], v[:, :, a:row])
+            if seg.rows > 1:  # [1, h, b*t, d] -> [b, h, t, d]
+                qs, ks, vs = (z[0].reshape(z.shape[1], seg.rows, seg.t, d).transpose(0, 1) for z in (qs, ks, vs))
+            if seg.cache is not None:
+                ks, vs = seg.cache.update(layer, ks, vs)
+            mask = attention_mask(seg.start, seg.t, ks.shape[2], window, x.device)
+            t0 = perf_counter()
+            o = attend(qs, ks, vs, mask, self.scale)  # [b, t, nh*d]
+            CLOCK.s += perf_counter() - t0
+            outs.append(o.view(seg.tokens, -1))
+        return self.ops[layer]["o"](outs[0] if len(outs) == 1 else torch.cat(outs))
 
-    def _mlp(self, layer: int, x: torch.Tensor, run_experts: Callable | None = None) -> torch.Tensor:
-        """x [N, H] -> [N, H]: routed experts (+ gated shared expert) or the dense MLP. `run_experts` (default
-        `executor.forward`) lets the throughput engine run the routed experts its own way."""
-        w, n, lin = self.w, self.layers[layer], self.linear
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> [N, H]: routed experts (+ gated shared expert) or the dense MLP."""
+        ops = self.ops[layer]
         if not self.spec.is_sparse(layer):
-            return lin(F.silu(lin(x, w[n["mlp_gate"]])) * lin(x, w[n["mlp_up"]]), w[n["mlp_down"]])
+            return ops["mlp_down"](_silu_mul(ops["mlp_gu"](x)))
         logits, ids, weights = self.route(layer, x)
         for hook in self.route_hooks:
             hook(layer, x, logits, ids, weights)
-        out = (run_experts or self.executor.forward)(layer, x, ids, weights)
-        if "shared_gate" in n:
+        out = self.executor.forward(layer, x, ids, weights)
+        if "shared_gu" in ops:
             out = out + self.shared_expert(layer, x)
         return out
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Qwen2-MoE's gated shared expert of a sparse layer, x [N, H] -> [N, H]."""
-        w, n, lin = self.w, self.layers[layer], self.linear
-        shared = lin(F.silu(lin(x, w[n["shared_gate"]])) * lin(x, w[n["shared_up"]]), w[n["shared_down"]])
-        return torch.sigmoid(lin(x, w[n["shared_expert_gate"]])) * shared
+        ops = self.ops[layer]
+        shared = ops["shared_down"](_silu_mul(ops["shared_gu"](x)))
+        return torch.sigmoid(ops["shared_expert_gate"](x)) * shared
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.spec
+    def _rope(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, signed sin) [N, 1, r] for every row of the stream, read from a table of positions that
+        grows by doubling (the same numbers as computing them per position)."""
+        spec, longest = self.spec, max(s.start + s.t for s in segments)
         if spec.rope.type == "dynamic":  # transformers regrows the frequencies past the trained length
-            seq = int(positions.max()) + 1
-            if seq > self._dynamic_len or (seq < spec.max_position_embeddings
-                                           and self._dynamic_len > spec.max_position_embeddings):
-                self._dynamic_len = max(seq, spec.max_position_embeddings)
+            if longest > self._dynamic_len or (longest < spec.max_position_embeddings
+                                               and self._dynamic_len > spec.max_position_embeddings):
+                self._dynamic_len = max(longest, spec.max_position_embeddings)
                 self.inv_freq, self.rope_scaling = rope_inv_freq(
                     spec.rope, spec.head_dim, spec.max_position_embeddings, seq_len=self._dynamic_len)
-        return rope_cos_sin(self.inv_freq, positions, self.rope_scaling, self.dtype)
+                self._rope_table = None
+        table = self._rope_table
+        if table is None or table[0].shape[0] < longest:
+            size = max(256, 1 << (longest - 1).bit_length())
+            cos, sin = rope_cos_sin(self.inv_freq, torch.arange(size, device=self.device), self.rope_scaling,
+                                    self.dtype)
+            table = self._rope_table = (cos[:, None], sin[:, None], signed_sin(sin)[:, None])
+        if len(segments) == 1 and segments[0].rows == 1:
+            a, b = segments[0].start, segments[0].start + segments[0].t
+            return table[0][a:b], table[1][a:b], table[2][a:b]
+        pos = [torch.arange(s.start, s.start + s.t).repeat(s.rows) for s in segments]
+        index = torch.cat(pos).to(self.device)
+        return tuple(t.index_select(0, index) for t in table)
 
     # --- forward ---------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, H] for token ids [B, T] following the cache's tokens."""
+    def run(self, ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """The token stream ids [N] (segments in order) -> final-normed hidden states [N, H]. Each segment's
+        cache advances by its tokens."""
         spec = self.spec
-        b, t = input_ids.shape
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + t, device=self.device)
-        cos, sin = self._rope(positions)
-        h = self.embed_tokens(input_ids)  # [B, T, H]
+        rope = self._rope(segments)  # per row [N, 1, r], broadcast over heads
+        h = self.embed_tokens(ids)  # [N, H]
+        wall = kernel = 0.0
         for layer in range(spec.num_layers):
+            t0, k0 = perf_counter(), CLOCK.s
             for hook in self.layer_hooks:
-                hook(layer, h.view(b * t, -1))
+                hook(layer, h)
             n = self.layers[layer]
             x = rms_norm(h, self.w[n["input_norm"]], spec.rms_norm_eps)
-            h = h + self._attention(layer, x, cos, sin, cache, start)
+            h = h + self.attention(layer, x, rope, segments)
             x = rms_norm(h, self.w[n["post_attn_norm"]], spec.rms_norm_eps)
-            h = h + self._mlp(layer, x.view(b * t, -1)).view(b, t, -1)
-        if cache is not None:
-            cache.advance(t)
+            h = h + self.mlp(layer, x)
+            wall += perf_counter() - t0
+            kernel += CLOCK.s - k0
+        self.layer_wall_s, self.layer_kernel_s = wall, kernel
+        for s in segments:
+            if s.cache is not None:
+                s.cache.advance(s.t)
         return rms_norm(h, self.final_norm, spec.rms_norm_eps)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] for token ids [B, T] following the cache's tokens."""
+        b, t = input_ids.shape
+        seg = Segment(cache, cache.length if cache is not None else 0, b, t)
+        return self.run(input_ids.reshape(-1), [seg]).view(b, t, -1)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
@@ -327,10 +374,21 @@ class MoeModel:
         h = self.hidden_states(ids, cache)
         if last_only:
             h = h[:, -1:]
-        logits = self.linear(h, self.lm_head)
+        logits = self.head(h)
         return logits[0] if flat else logits
 
     __call__ = forward
+
+    @torch.inference_mode()
+    def forward_many(self, feeds: list[list[int]], caches: list[KVCache]) -> torch.Tensor:
+        """One step of several sequences: feeds[i] (its next tokens) continues caches[i]. Returns the logits
+        at each feed's last token [S, V]."""
+        segments = [Segment(c, c.length, 1, len(f)) for f, c in zip(feeds, caches, strict=True)]
+        ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long)
+        h = self.run(ids, segments)
+        if len(feeds) > 1 or len(feeds[0]) > 1:
+            h = h[torch.tensor(list(accumulate(len(f) for f in feeds)), device=h.device) - 1]
+        return self.head(h)
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int,
@@ -347,3 +405,16 @@ class MoeModel:
                 break
             logits = self.forward(torch.tensor([nxt]), cache)
         return out
+
+
+def _head_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of q and k heads side by side: qk [N, nh + nkv, d], weight [nh + nkv, d]."""
+    if qk.dtype == torch.float32:
+        return torch.rms_norm(qk, (qk.shape[-1],), None, eps) * weight
+    return rms_norm(qk, weight, eps)
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's inner product on a side-by-side [gate | up] projection [N, 2I] -> [N, I]."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u

@@ -14,26 +14,18 @@ predictions of the same rank for the same layer (rank 1 = the next router's top 
 1/2 at the start). The executor loads a prediction only when that probability reaches its
 `prefetch_min_prob` and the cache policy admits it over the expert it would evict; otherwise it only hints
 the policy. So a layer whose predictions miss stops prefetching by itself (and resumes if they improve, since
-predictions are scored whether loaded or not), and rank-2 guesses are loaded only where they are reliable."""
+predictions are scored whether loaded or not), and rank-2 guesses are loaded only where they are reliable.
+
+With a routing trace (`trace`, runtime/routing_trace.py: Klotski's correlation prefetch for many sequences)
+the prediction is widened: an expert c that co-occurs in a layer step with a predicted expert b
+(P(c needed | b needed) >= `co_threshold` in the trace, b seen in at least `min_steps` steps) joins with
+chance(b) * P(c | b), right behind b in the order."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-
-from moepack.errors import MoepackError
-
-PREFETCH_MODES = ("none", "fate")
-
-
-def parse_prefetch(mode: str | None) -> str:
-    mode = (mode or "none").strip().lower()
-    if mode in ("off", "no"):
-        mode = "none"
-    if mode not in PREFETCH_MODES:
-        raise MoepackError(f"unknown prefetch mode {mode!r}; choose one of {', '.join(PREFETCH_MODES)}")
-    return mode
 
 
 @dataclass
@@ -80,9 +72,9 @@ class RankCalibration:
     def add(self, layer: int, pred: torch.Tensor, actual: torch.Tensor) -> None:
         """pred [T, w] ranked predictions, actual [T, k] routed ids."""
         hit = (pred[:, :, None] == actual[:, None, :]).any(-1)  # [T, w]
-        for r in range(pred.shape[1]):
+        for r, h in enumerate(hit.sum(0).tolist()):
             key = (layer, r)
-            self.hits[key] = self.hits.get(key, 0.0) + float(hit[:, r].sum())
+            self.hits[key] = self.hits.get(key, 0.0) + float(h)
             self.n[key] = self.n.get(key, 0.0) + pred.shape[0]
 
     def prob(self, layer: int, rank: int) -> float:
@@ -94,8 +86,17 @@ class FatePrefetcher:
     """Hooks a MoeModel's routing; predictions go to `executor.queue_prefetch` (when `issue` is set) and are
     scored either way, so prediction quality can be measured without prefetching."""
 
-    def __init__(self, model, executor, *, width: int | None = None, issue: bool = True):
+    def __init__(self, model, executor, *, width: int | None = None, issue: bool = True, trace=None,
+                 co_threshold: float = 0.6, min_steps: int = 32):
         self.model, self.executor, self.issue = model, executor, issue
+        self.co: dict[int, torch.Tensor] = {}
+        if trace is not None:
+            for layer in trace.layers:
+                steps = torch.from_numpy(trace.co[layer].diagonal().copy())
+                co = torch.from_numpy(trace.cooccurrence(layer)).float()
+                co[steps < min_steps] = 0.0
+                co.fill_diagonal_(0.0)
+                self.co[layer] = torch.where(co >= co_threshold, co, torch.zeros_like(co))
         spec = model.spec
         self.width = width or spec.top_k
         layers = list(spec.sparse_layer_ids)
@@ -104,6 +105,11 @@ class FatePrefetcher:
         self.score = PredictionScore()
         self.calibration = RankCalibration()  # kept across runs: it only gets better
         model.route_hooks.append(self.on_route)
+
+    def detach(self) -> None:
+        """Stop predicting (the model's route hook is removed)."""
+        if self.on_route in self.model.route_hooks:
+            self.model.route_hooks.remove(self.on_route)
 
     def reset_counters(self) -> None:
         self.score = PredictionScore()
@@ -123,13 +129,14 @@ class FatePrefetcher:
         if self.issue:
             # each expert's chance to be used by some token: 1 - prod over the tokens predicting it of
             # (1 - that rank's hit rate); most likely first
-            q = [self.calibration.prob(nxt, r) for r in range(self.width)]
-            miss = torch.ones(probs.shape[1], dtype=torch.float64)
-            for r in range(self.width):
-                for e in top.indices[:, r].tolist():
-                    miss[e] *= 1.0 - q[r]
+            q = torch.tensor([1.0 - self.calibration.prob(nxt, r) for r in range(self.width)], dtype=torch.float64)
+            ids = top.indices.flatten().cpu()  # token-major: rank r at every width-th place
+            e = probs.shape[1]
+            miss = torch.ones(e, dtype=torch.float64).scatter_reduce_(0, ids, q.repeat(top.indices.shape[0]), "prod")
             chance = 1.0 - miss
-            mass = torch.zeros(probs.shape[1], dtype=torch.float64).index_add_(
-                0, top.indices.flatten().cpu(), top.values.flatten().double().cpu())  # ties: router mass
-            order = sorted((e for e in range(probs.shape[1]) if chance[e] > 0), key=lambda e: (-chance[e], -mass[e]))
-            self.executor.queue_prefetch([(nxt, e) for e in order], [float(chance[e]) for e in order])
+            if nxt in self.co:  # co-occurring experts join with chance(b) * P(c | b)
+                chance = torch.maximum(chance, (chance[:, None] * self.co[nxt].double()).amax(0))
+            mass = torch.zeros(e, dtype=torch.float64).index_add_(0, ids, top.values.flatten().double().cpu())
+            ch, ms = chance.tolist(), mass.tolist()  # ties: router mass
+            order = sorted((i for i in range(e) if ch[i] > 0), key=lambda i: (-ch[i], -ms[i]))
+            self.executor.queue_prefetch([(nxt, i) for i in order], [ch[i] for i in order])

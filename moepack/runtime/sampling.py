@@ -9,7 +9,9 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator:
     """logits [V] -> token id."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.double()  # float64 also holds temperatures far below float32's range
+    # shifted so the largest is 0: a tiny temperature sends the others to -inf, never to inf - inf = NaN
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest prefix whose mass reaches top_p

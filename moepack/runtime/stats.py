@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +22,70 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+@dataclass
+class CacheStats:
+    """Counters of the expert cache (fed by runtime/cache.py)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0  # every byte copied into a slot (demand and prefetch) or streamed past the cache
+    bytes_loaded_decode: int = 0  # the part moved in decode steps (see EngineStats.decoding)
+    prefetch_loads: int = 0
+    prefetch_bytes: int = 0
+    prefetch_used: int = 0  # prefetched experts hit before their eviction
+    prefetch_wasted: int = 0  # prefetched experts evicted unused
+    decoding: bool = False
+
+    def moved(self, nbytes: int) -> None:
+        self.bytes_loaded += nbytes
+        if self.decoding:
+            self.bytes_loaded_decode += nbytes
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class EngineStats:
+    """Everything the engine, its executor and its cache count during a run, in one object: the engine makes
+    a fresh one per run (`Engine.reset_stats`), hands its parts to the executor and the cache, and renders it
+    as RunStats (one prompt) or ThroughputStats (many)."""
+
+    cache: CacheStats = field(default_factory=CacheStats)
+    counts: Counter = field(default_factory=Counter)  # executor: tokens, little_tokens, rows_*, partial_*, ...
+    trace: list = field(default_factory=list)  # every demand access (layer, expert) to the cache, in order
+    decode_mark: int | None = None  # len(trace) when the first decode step began
+    steps: int = 0
+    layer_steps: int = 0  # sparse layer calls of the executor
+    expert_calls: int = 0
+    expert_tokens: int = 0
+    loads: int = 0  # loads issued into slots (demand and prefetch)
+    duplicate_loads: int = 0  # loads of an expert already loaded in the same layer step
+    stall_s: float = 0.0  # compute waiting for loads
+    decode_tokens: int = 0  # tokens of the decode-only steps, whose layer times follow
+    decode_layer_s: float = 0.0
+    decode_kernel_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def decoding(self) -> bool:
+        return self.cache.decoding
+
+    @decoding.setter
+    def decoding(self, on: bool) -> None:
+        if on and self.decode_mark is None:
+            self.decode_mark = len(self.trace)
+        self.cache.decoding = on
+
+    def host_overhead_s_per_layer(self, num_layers: int) -> float | None:
+        """Per decoded token and layer: layer wall time not spent inside kernels or copies."""
+        if not self.decode_tokens:
+            return None
+        return max(0.0, self.decode_layer_s - self.decode_kernel_s) / (self.decode_tokens * num_layers)
 
 
 @dataclass
@@ -48,6 +113,7 @@ class RunStats:
     belady_bytes_decode: int | None = None  # the optimal cache's bytes on this run's trace, same slots
     belady_hit_rate: float | None = None
     static_bytes_decode: int | None = None  # the best static cache's bytes (hindsight frequencies), same slots
+    host_overhead_s_per_layer: float | None = None  # per decoded token and layer, outside kernels and copies
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,3 +162,71 @@ def peak_device_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+@dataclass
+class SequenceResult:
+    index: int
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    latency_s: float  # from the start of the run to this prompt's last token
+    ttft_s: float  # from the start of the run to its first token
+    queued_s: float  # from the start of the run until it entered a batch
+
+
+@dataclass
+class ThroughputStats:
+    """Many prompts through the engine at once (`moepack run --prompts`)."""
+
+    prompts: int = 0
+    batches: int = 0
+    batch_size: int = 1
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    wall_s: float = 0.0
+    steps: int = 0  # engine steps (every sequence in flight advanced once)
+    layer_steps: int = 0
+    stall_s: float = 0.0
+    load_s: float = 0.0  # loader busy time (CPU copies)
+    loads: int = 0
+    bytes_moved: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    expert_calls: int = 0
+    expert_tokens: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    duplicate_loads: int = 0
+    expert_slots: int = 0
+    hot_experts: int = 0
+    host_overhead_s_per_layer: float | None = None
+    latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def stall_fraction(self) -> float:
+        return self.stall_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mean_latency_s(self) -> float:
+        return sum(self.latencies_s) / len(self.latencies_s) if self.latencies_s else 0.0
+
+    @property
+    def loads_per_layer_step(self) -> float:
+        return self.loads / max(1, self.layer_steps)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        total = self.cache_hits + self.cache_misses
+        return self.cache_hits / total if total else 1.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(tokens_per_s=self.tokens_per_s, stall_fraction=self.stall_fraction,
+                   mean_latency_s=self.mean_latency_s, cache_hit_rate=self.cache_hit_rate)
+        return out
