@@ -27,11 +27,20 @@ bench:
 fuzz MUTANTS="2000" SEED="1":
     {{py}} tests/fuzz_packs.py --mutants {{MUTANTS}} --seed {{SEED}}
 
-# CUDA kernels against the reference (tests/test_kernels_cuda.py: nvcc compile, binding, GPU products) and
-# their benchmark on the GPU; without a CUDA device the GPU tests and the benchmark skip with the reason.
+# Run first on a lent GPU: the CUDA kernels against the reference (tests/test_kernels_cuda.py), a budgeted
+# streaming run on the device and the kernel benchmark. Without a CUDA device the GPU parts skip.
 gpu-check:
+    #!/usr/bin/env bash
+    set -euo pipefail
     {{py}} -m pytest -q -rs tests/test_kernels_cuda.py
-    if {{py}} -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then {{py}} -m benchmarks.bench_kernels --device cuda; else echo "gpu-check: no CUDA device here, benchmark skipped"; fi
+    if ! {{py}} -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+        echo "gpu-check: no CUDA device here; streaming run and benchmark skipped"; exit 0
+    fi
+    {{py}} -m moepack.testing.checkpoints mixtral runs/gpu-check/checkpoint
+    {{moepack}} compress runs/gpu-check/checkpoint -o runs/gpu-check/p.moepack --recipe q4g32 --force
+    {{moepack}} run runs/gpu-check/p.moepack --device cuda --vram 64MB --context 256 -n 32 --stats \
+        --prompt "To be, or not to be"
+    {{py}} -m benchmarks.bench_kernels --device cuda
 
 # Build the C++ kernels now and check every CPU code path against the reference.
 doctor:
