@@ -135,8 +135,8 @@ def measure_host(*, repeats: int, new_tokens: int) -> dict:
 
     ck = toy_checkpoint() or checkpoint(TOY_SHAPE)
     pk = pack(ck, "bf16")
-    base = {"prompt_ids": token_ids(ck, PROMPT), "repeats": repeats, "new_tokens": new_tokens, "context": 512,
-            "threads": 1}
+    base = {"prompt_ids": token_ids(ck, PROMPT), "repeats": repeats, "new_tokens": new_tokens, "context": 256,
+            "threads": 1}  # the toy model's positions
     load0 = os.getloadavg()[0]
     log("host: moepack bf16 pack, whole, 1 thread")
     mp = run_worker({**base, "system": "moepack", "path": str(pk), "label": "moepack bf16 pack"})
@@ -174,7 +174,7 @@ def op_budget(pack_path: Path, prompt: list[int]) -> dict:
     from moepack.runtime.api import MoePackModel
 
     torch.set_num_threads(1)
-    pm = MoePackModel.load(pack_path, device="cpu", context=512)
+    pm = MoePackModel.load(pack_path, device="cpu", context=256)  # the toy model's positions
     pm.generate(prompt, max_new_tokens=4, stop_at_eos=False)
 
     def ops(n: int) -> int:
@@ -233,6 +233,8 @@ def render_host(m: dict) -> str:
         verdict.append(f"- llama.cpp f16 was not measured in this run ({m['llama_missing']}), so the decode ratio "
                        f"is missing from the summary line.")
     prof = m["profile"].get("profile") or []
+    if isinstance(prof, dict):  # the worker profiles decode and prefill apart
+        prof = prof.get("decode") or []
     b = m.get("budget")
     if b:
         verdict.append(
