@@ -108,12 +108,9 @@ def run(
 
     try:
         config, sampling = run_cmd.configure(
-            prompt=prompt, prompts_file=prompts_file, vram=vram, device=device, context=context, dtype=dtype,
-            backend=backend, threads=threads, batches=batches, batch_size=batch_size, cache_policy=cache_policy,
-            bypass=bypass, cache_prior=cache_prior, prefetch=prefetch, prefetch_min_prob=prefetch_min_prob,
-            adaptive_k=adaptive_k, fallback=fallback, sparse_channels=sparse_channels,
-            partial_loads=partial_loads, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed)
+            prompt=prompt, prompts_file=prompts_file, batches=batches, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            **_o.run_options(locals()))
         prompts = run_cmd.read_prompts(prompts_file) if prompts_file is not None else None
         run_cmd.run(pack, config, sampling, prompt=prompt, prompts=prompts, stats=stats, json_out=json_out)
     except MoepackError as exc:
@@ -280,11 +277,7 @@ def serve(
 ) -> None:
     try:
         _so.check_server_options(max_batch=max_batch, queue_limit=queue_limit, port=port, api_key=api_key)
-        config = _so.configure(
-            sequences=max_batch, vram=vram, device=device, context=context, dtype=dtype, backend=backend,
-            threads=threads, cache_policy=cache_policy, bypass=bypass, cache_prior=cache_prior, prefetch=prefetch,
-            prefetch_min_prob=prefetch_min_prob, adaptive_k=adaptive_k, fallback=fallback,
-            sparse_channels=sparse_channels, partial_loads=partial_loads)
+        config = _so.configure(sequences=max_batch, **_o.run_options(locals()))
         _so.run(pack, config, host=host, port=port, max_batch=max_batch, queue_limit=queue_limit, api_key=api_key,
                 name=name)
     except MoepackError as exc:
@@ -308,11 +301,7 @@ def chat(
 
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        config = _so.configure(
-            sequences=1, vram=vram, device=device, context=context, dtype=dtype, backend=backend,
-            threads=threads, cache_policy=cache_policy, bypass=bypass, cache_prior=cache_prior, prefetch=prefetch,
-            prefetch_min_prob=prefetch_min_prob, adaptive_k=adaptive_k, fallback=fallback,
-            sparse_channels=sparse_channels, partial_loads=partial_loads)
+        config = _so.configure(sequences=1, **_o.run_options(locals()))
         from moepack.cli import chat_cmd
 
         code = chat_cmd.run(pack, config, sampling, system=system)

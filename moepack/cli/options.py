@@ -47,3 +47,12 @@ SEED = typer.Option(None, "--seed", help="Seed of the sampler.", rich_help_panel
 
 def max_new_tokens(default: int, what: str = "Tokens to generate per prompt."):
     return typer.Option(default, "--max-new-tokens", "-n", help=what, rich_help_panel=SAMPLING)
+
+
+RUN_OPTIONS = ("vram", "device", "context", "dtype", "backend", "threads", "cache_policy", "bypass", "cache_prior",
+               "prefetch", "prefetch_min_prob", "adaptive_k", "fallback", "sparse_channels", "partial_loads")
+
+
+def run_options(values: dict) -> dict:
+    """The shared run options among a command's parameters (its `locals()`), named as RunConfig's fields."""
+    return {name: values[name] for name in RUN_OPTIONS}
