@@ -1,7 +1,7 @@
 """moepack against its peers on one model, one prompt, one memory budget, in one run (issue 6).
 
     python -m benchmarks.bench_peers [--quick] [--model auto|toy|random] [--repeats 5] [--new-tokens 32]
-                                     [--threads 1] [--no-llama]
+                                     [--threads 1] [--no-llama] [--wide yes|no|only] [--wide-divisor 1]
 
 Systems, each in its own process (so its peak RSS is its own), all on the same checkpoint and token ids:
   * moepack: the INT4 pack (q4g128) whole and at the budget, the lossless bf16 pack at the budget, and a
@@ -17,7 +17,12 @@ weights upcast to float32, KV cache for the context, workspace, expert slots).
 Figures: time to first token for a fixed prompt, decode tokens/s (greedy, exactly N tokens), peak RSS, bytes of
 weights on disk, perplexity on held-out text (non-overlapping windows, logits from each system; llama.cpp
 through logits_all). Medians over `--repeats` runs after a warm-up; ratios are against moepack's INT4 pack
-measured in the same run. Writes the "peers" section of docs/benchmarks.md and docs/img/peers_*.png."""
+measured in the same run. Writes the "peers" section of docs/benchmarks.md and docs/img/peers_*.png.
+
+First in the section, at Mixtral-8x7B's real expert widths (a generated 2-layer checkpoint, 5.6 GB of bf16
+experts): moepack against llama.cpp pair by pair at 1 and 2 threads with a 512-token prompt
+(benchmarks/peers/wide.py), and the summary lines that scripts read. `--wide only` measures just that and
+keeps the other tables of the last run; `--wide-divisor 4` runs it at a quarter of the widths (fast)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -45,8 +51,9 @@ from benchmarks.peers.common import (
     toy_checkpoint,
     weight_bytes,
 )
+from benchmarks.peers.wide import PAIRS, measure_wide, merge_pairs, render_wide
 from benchmarks.peers.worker import moepack_budget
-from benchmarks.report import markdown_table, update_section
+from benchmarks.report import DOC, markdown_table, update_section
 
 IMG = ROOT / "docs" / "img"
 RANDOM = ModelConfig(hidden=1024, intermediate=1536, layers=4, experts=16)
@@ -261,6 +268,25 @@ def render(m: dict, images: list[Path]) -> str:
     return "\n".join(text)
 
 
+def kept_tables() -> str:
+    """The smaller models' tables of the peers section as docs/benchmarks.md has them (for a run that measures
+    only the Mixtral-width pairs on a machine without the last run's peers.json), under their own machine line."""
+    text = DOC.read_text() if DOC.exists() else ""
+    m = re.search(r"<!-- section:peers -->\n(_Machine: [^\n]*_)\n(.*?)<!-- /section:peers -->", text, re.S)
+    if not m:
+        return ""
+    stamp, body = m.group(1), m.group(2)
+    if "### Smaller models" in body:
+        body = body.split("### Smaller models", 1)[1]
+        stamp = re.search(r"_Smaller models: (.*?)_\n", body)
+        stamp = stamp.group(0).strip() if stamp else ""
+        body = re.sub(r"_Smaller models: .*?_\n", "", body)
+    else:
+        stamp = "_Smaller models: measured in an earlier run, " + stamp.strip("_").removeprefix("Machine: ").rstrip(".") + "._"
+    body = re.sub(r"\n_Module wall time [^\n]*_\n?", "\n", body).strip()
+    return "### Smaller models\n\n" + stamp + "\n\n" + body.removeprefix("\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 256 perplexity tokens")
@@ -275,23 +301,59 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ppl-tokens", type=int, default=None)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--wide", default="yes", choices=("yes", "no", "only"),
+                    help="the Mixtral-width pairs against llama.cpp: yes (first table), no (keep the last "
+                         "run's), only (measure just these, keep the other tables of the last run)")
+    ap.add_argument("--wide-divisor", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="divide the Mixtral widths (1 = the real widths)")
+    ap.add_argument("--wide-threads", default="1,2", help="thread counts of the Mixtral-width pairs")
+    ap.add_argument("--wide-pairs", default=",".join(p[0] for p in PAIRS),
+                    help="moepack recipes of the Mixtral-width pairs, in order (q4g128,q2g64,bf16)")
+    ap.add_argument("--wide-repeats", default="3", help="runs per measurement, or one count per pair: 2,1,1")
+    ap.add_argument("--wide-new-tokens", type=int, default=16)
+    ap.add_argument("--wide-short-warmup", action="store_true",
+                    help="warm up with 2 tokens after 64 prompt ids instead of a full run (full widths: minutes)")
+    ap.add_argument("--wide-merge", action="store_true",
+                    help="replace only the measured pairs' rows in the last Mixtral-width run (say, one disturbed)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile of the Mixtral-width run")
     ap.add_argument("--render-only", action="store_true", help="re-render the last measurements, measure nothing")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    wide_json = BENCH_DIR / "peers_wide.json"
+    wide = None
+    if a.wide != "no" and not a.render_only:
+        threads = tuple(int(t) for t in a.wide_threads.split(","))
+        pairs = tuple(p for p in PAIRS if p[0] in a.wide_pairs.split(","))
+        repeats = tuple(int(r) for r in a.wide_repeats.split(","))
+        old = json.loads(wide_json.read_text()) if a.wide_merge and wide_json.exists() else None
+        wide = measure_wide(a.wide_divisor, threads=threads, repeats=repeats, new_tokens=a.wide_new_tokens,
+                            pairs=pairs, profile=not a.no_profile, save=None if old else wide_json,
+                            short_warmup=a.wide_short_warmup)
+        if old is not None and old.get("divisor") == wide["divisor"]:
+            wide = merge_pairs(old, wide)
+        wide_json.write_text(json.dumps(wide, indent=1, default=str))
+    elif wide_json.exists():
+        wide = json.loads(wide_json.read_text())
+    if a.wide == "only":
+        a.render_only = True
     opts = dict(repeats=a.repeats, new_tokens=a.new_tokens or (16 if a.quick else 32), threads=a.threads,
                 ppl_tokens=a.ppl_tokens or (256 if a.quick else 1024), window=a.window, llama=not a.no_llama)
     toy = toy_model()
     if (a.model == "toy" or a.toy == "only") and toy is None:
         raise SystemExit("no trained toy model in the cache (python -m moepack.testing.toymodel trains it)")
     if a.render_only:  # re-render the last measurements (peers.json, peers_toy.json) without measuring
-        m = json.loads((BENCH_DIR / "peers.json").read_text())
-        sections = [render(m, plots(m, "peers"))]
-        if (BENCH_DIR / "peers_toy.json").exists():
+        sections = [render_wide(wide)] if wide else []
+        if (BENCH_DIR / "peers.json").exists():
+            m = json.loads((BENCH_DIR / "peers.json").read_text())
+            sections.append("### Smaller models\n\n" + render(m, plots(m, "peers")))
+        elif kept_tables():  # no measurements here: keep the tables the document has, with their machine
+            sections.append(kept_tables())
+        if (BENCH_DIR / "peers.json").exists() and (BENCH_DIR / "peers_toy.json").exists():
             t = json.loads((BENCH_DIR / "peers_toy.json").read_text())
             sections.append("### The same systems on the trained toy model (perplexity on real text)\n\n"
                             + render(t, plots(t, "peers_toy")))
-        body = "\n\n".join(sections) + "\n"
+        body = "\n\n".join(sections) + f"\n\n_Module wall time {time.perf_counter() - t0:.0f} s._\n"
         print(body)
         if not a.no_write:
             update_section("peers", body)
@@ -300,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         m = json.loads((BENCH_DIR / "peers.json").read_text())
     else:
         m = measure(*(toy if a.model == "toy" else random_model()), **opts)
-    sections = [render(m, plots(m, "peers"))]
+    sections = ([render_wide(wide)] if wide else []) + ["### Smaller models\n\n" + render(m, plots(m, "peers"))]
     if a.model != "toy" and a.toy in ("auto", "only"):
         if toy is None:
             sections.append("No trained toy model was cached when this ran, so there is no perplexity on a model "

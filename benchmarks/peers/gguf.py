@@ -7,6 +7,17 @@ The wheel is built once (5-7 minutes on two cores) with
         -w ~/.cache/moepack/wheels ~/.cache/moepack/llama-build/llama_cpp_python-0.3.36.tar.gz
 and `ensure_llama_cpp()` installs it from ~/.cache/moepack/wheels (never building inside a benchmark).
 
+Where the CPU advertises AMX but a virtual machine faults on its tile instructions (llama.cpp's AMX kernels
+for Q4_K die of SIGILL on `tilezero`; f16 runs), build only the libraries, with the ISA spelled out and AMX off,
+and let `activate_built()` use them with the unpacked sdist (LIBS, symlinks kept):
+    cmake -S SRC/vendor/llama.cpp -B BUILD/build-cpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON \
+        -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+    cmake --build BUILD/build-cpu --target llama ggml-cpu -j2 && cp -a BUILD/build-cpu/bin/lib*.so* LIBS/
+(a few minutes on two cores; no wheel in WHEELS then, or ensure_llama_cpp() installs the wheel instead).
+
 Tokenizer: the converter identifies a BPE pre-tokenizer by hashing the tokens of a fixed string and refuses
 hashes it does not know ("BPE pre-tokenizer was not recognized"). moepack's generated and toy checkpoints use
 a byte-level BPE whose pre-tokenizer is `ByteLevel(add_prefix_space=False)` with its default GPT-2 regex, i.e.

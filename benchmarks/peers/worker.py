@@ -7,8 +7,12 @@ prompt_ids, ppl_ids (optional), ppl_window, and per system: vram / expert_fracti
 Every system gets the same token ids (the prompt and the perplexity text are tokenised once by the caller
 with the checkpoint's tokenizer), generates greedily for exactly `new_tokens` tokens (no early stop at EOS),
 and is timed the same way: time to first token = prefill of the prompt + the first greedy pick; decode
-tokens/s = (new_tokens - 1) / time of the remaining steps. Medians over `repeats` runs after one warm-up.
-Peak RSS is this process's VmHWM after generation (perplexity runs afterwards and is not counted)."""
+tokens/s = (new_tokens - 1) / time of the remaining steps. Medians over `repeats` runs after one warm-up
+(moepack and llama.cpp: with `short_warmup`, the warm-up generates 2 tokens after the first 64 prompt ids, enough
+to map every expert and build every kernel, for models where a full run takes minutes).
+Peak RSS is this process's VmHWM after generation (perplexity runs afterwards and is not counted).
+`cpu_s_per_run` (moepack, llama.cpp): median CPU seconds of the process per generation (all its threads), which
+a machine shared with other work inflates far less than wall time."""
 
 from __future__ import annotations
 
@@ -86,22 +90,55 @@ def run_moepack(job: dict) -> dict:
                               backend=job.get("backend", "auto"))
     load_s = time.perf_counter() - t0
     prompt, n = job["prompt_ids"], job["new_tokens"]
-    runs, moved, hits = [], [], []
-    for r in range(job["repeats"] + 1):
+    if job.get("profile"):  # decode (8 prompt ids, n tokens) and prefill (the whole prompt, 2 tokens)
+        model.generate(prompt[:64], max_new_tokens=2, stop_at_eos=False)
+        prof = {"decode": profile_generate(model, prompt[:8], n), "prefill": profile_generate(model, prompt, 2)}
+        return {"profile": prof, "load_s": load_s, "peak_rss_bytes": peak_rss()}
+    if job.get("short_warmup"):
+        model.generate(prompt[:64], max_new_tokens=2, stop_at_eos=False)
+    runs, moved, hits, host, cpu = [], [], [], [], []
+    for r in range(job["repeats"] + int(not job.get("short_warmup"))):
+        c0 = time.process_time()
         g = model.generate(prompt, max_new_tokens=n, stop_at_eos=False)
-        if r:  # the first run is a warm-up
+        if r or job.get("short_warmup"):  # else the first run is the warm-up
+            cpu.append(time.process_time() - c0)
             runs.append((g.stats.ttft_s, g.stats.decode_s))
             moved.append(g.stats.bytes_moved_per_token)
             hits.append(g.stats.cache_hit_rate)
+            host.append(g.stats.host_overhead_s_per_layer or 0.0)
     out = summarise(runs, n)
     out.update(load_s=load_s, peak_rss_bytes=peak_rss(), vram_bytes=vram,
                bytes_moved_per_token=statistics.median(moved), cache_hit_rate=statistics.median(hits),
+               host_overhead_s_per_layer=statistics.median(host), cpu_s_per_run=statistics.median(cpu),
                expert_slots=model.budget.slots if model.budget else None,
                total_experts=len(model.pack.manifest.experts), backend=model.executor.backend.name,
                tokens=g.tokens)
+    try:  # the ISA the compiled CPU kernels dispatched to (for the record; absent when they did not load)
+        import torch
+
+        out["kernel"] = f"{out['backend']}, ISA {torch.ops.moepack_cpu.isa()}"
+    except (AttributeError, RuntimeError):
+        pass
     if job.get("ppl_ids"):
         out["ppl"] = perplexity(lambda ids: model.logits(ids).numpy(), job["ppl_ids"], job.get("ppl_window", 256))
     return out
+
+
+def profile_generate(model, prompt: list[int], n: int, top: int = 10) -> list[list]:
+    """One generation under the torch profiler (the model warmed up): the `top` operators by self CPU time, as
+    [name, self CPU ms, calls, share of the wall time]. Python-side time between operators shows as the gap
+    between the operators' total and the wall time (first row)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        g = model.generate(prompt, max_new_tokens=n, stop_at_eos=False)
+    wall = g.stats.ttft_s + g.stats.decode_s  # the generation itself, without the profiler's start and stop
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    rows = [["(the generation's wall time; all operators)", f"{wall * 1e3:.1f} ({total:.1f})", "", "100%"]]
+    rows += [[e.key[:60], f"{e.self_cpu_time_total / 1e3:.1f}", e.count,
+              f"{e.self_cpu_time_total / 1e3 / (wall * 1e3):.0%}"] for e in events[:top]]
+    return rows
 
 
 # --- transformers (whole, or offloaded with accelerate) ------------------------------------------------
@@ -177,7 +214,7 @@ def run_llamacpp(job: dict) -> dict:
         # with logits_all=False, llama-cpp-python no longer copies logits into .scores: read the context's row
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
-    def once() -> tuple[float, float, list[int]]:
+    def once(prompt: list[int] = prompt, n: int = n) -> tuple[float, float, list[int]]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -191,13 +228,23 @@ def run_llamacpp(job: dict) -> dict:
             toks.append(tok)
         return ttft, time.perf_counter() - t1, toks
 
-    runs = []
-    for r in range(job["repeats"] + 1):
+    runs, cpu = [], []
+    if job.get("short_warmup"):
+        once(prompt[:64], 2)
+    for r in range(job["repeats"] + int(not job.get("short_warmup"))):
+        c0 = time.process_time()
         ttft, dec, toks = once()
-        if r:
+        if r or job.get("short_warmup"):  # else the first run is the warm-up
             runs.append((ttft, dec))
+            cpu.append(time.process_time() - c0)
     out = summarise(runs, n)
-    out.update(load_s=load_s, peak_rss_bytes=peak_rss(), tokens=toks)
+    out.update(load_s=load_s, peak_rss_bytes=peak_rss(), tokens=toks, cpu_s_per_run=statistics.median(cpu))
+    try:
+        import llama_cpp
+
+        out["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace")
+    except (AttributeError, OSError):  # an older binding without it: the section just lacks the line
+        pass
     if job.get("ppl_ids"):
         window = job.get("ppl_window", 256)
         del llm

@@ -4,7 +4,10 @@
   transformers itself (so tensor names, dtypes and config.json are exactly what real checkpoints use), plus a
   small deterministic BPE tokenizer.json. Seconds to build; used by the parity tests.
 - `make_random_checkpoint(path, ...)`: a large Mixtral-layout checkpoint written tensor by tensor into
-  safetensors shards without transformers, so peak RSS stays at one tensor; used for multi-GB benchmarks."""
+  safetensors shards without transformers, so peak RSS stays at one tensor; used for multi-GB benchmarks.
+- `make_mixtral_width_checkpoint(path, ...)`: `make_random_checkpoint` at Mixtral-8x7B's real widths (or
+  those widths divided by a power of two, to develop a benchmark fast) with few layers and a small vocabulary,
+  so kernels and runtimes are timed at real expert sizes on a machine that cannot hold the real model."""
 
 from __future__ import annotations
 
@@ -262,25 +265,63 @@ def make_random_checkpoint(path: str | Path, *, hidden: int = 1024, intermediate
     return path
 
 
+# Mixtral-8x7B's widths (its config.json): every expert projection is 14336 x 4096.
+MIXTRAL_8X7B = dict(hidden=4096, intermediate=14336, experts=8, top_k=2, heads=32, kv_heads=8, head_dim=128)
+
+
+def mixtral_width_shape(divisor: int = 1) -> dict[str, int]:
+    """Mixtral-8x7B's widths divided by `divisor` (1, 2, 4 or 8), keeping head_dim 128, the 4:1 grouping of
+    query to key/value heads where it still divides, 8 experts and top-2. Every width stays a multiple of 256,
+    so llama.cpp's k-quants and moepack's group-128 recipes apply to every expert matrix."""
+    if divisor not in (1, 2, 4, 8):
+        from moepack.errors import MoepackError
+        raise MoepackError(f"mixtral-width divisor must be 1, 2, 4 or 8 (widths stay multiples of 256), got {divisor}")
+    m = MIXTRAL_8X7B
+    heads = m["heads"] // divisor
+    return dict(hidden=m["hidden"] // divisor, intermediate=m["intermediate"] // divisor, experts=m["experts"],
+                top_k=m["top_k"], heads=heads, kv_heads=max(1, heads // 4))
+
+
+def make_mixtral_width_checkpoint(path: str | Path, *, divisor: int = 1, layers: int = 2, vocab: int = 512,
+                                  dtype: str = "bfloat16", seed: int = 0, shard_size: int | str = "2GB") -> Path:
+    """A random Mixtral checkpoint at Mixtral-8x7B's widths (hidden 4096, expert intermediate 14336, 8 experts
+    top-2, 32 query / 8 key-value heads of 128) with `layers` layers and a `vocab`-token byte-level BPE
+    tokenizer: at divisor 1 and 2 layers, 5.6 GB of bf16 experts. Written one tensor at a time into shards of
+    `shard_size` (peak memory about one expert matrix, 0.24 GB in float32 at full width). Llama.cpp's converter
+    reads it as a Mixtral with the gpt-2 pre-tokenizer (benchmarks/peers/gguf.py)."""
+    shape = mixtral_width_shape(divisor)
+    return make_random_checkpoint(path, hidden=shape["hidden"], intermediate=shape["intermediate"], layers=layers,
+                                  experts=shape["experts"], top_k=shape["top_k"], heads=shape["heads"],
+                                  kv_heads=shape["kv_heads"], vocab=vocab, dtype=dtype, shard_size=shard_size,
+                                  seed=seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m moepack.testing.checkpoints FAMILY PATH [--seed N] [--dtype bf16]
-    python -m moepack.testing.checkpoints random PATH --hidden 1024 --intermediate 2816 --layers 4 --experts 8"""
+    python -m moepack.testing.checkpoints random PATH --hidden 1024 --intermediate 2816 --layers 4 --experts 8
+    python -m moepack.testing.checkpoints mixtral-width PATH [--divisor 1] [--layers 2] [--vocab 512]"""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m moepack.testing.checkpoints", description=main.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=(*BABY_FAMILIES, "random"))
+    ap.add_argument("family", choices=(*BABY_FAMILIES, "random", "mixtral-width"))
     ap.add_argument("path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default=None, help="float32/bfloat16 (default: float32 baby, bfloat16 random)")
-    for name, default in (("hidden", 1024), ("intermediate", 2816), ("layers", 4), ("experts", 8), ("top-k", 2),
-                          ("vocab", 32000)):
-        ap.add_argument(f"--{name}", type=int, default=default, help="random only")
-    ap.add_argument("--shard-size", default="2GB", help="random only")
+    for name, default in (("hidden", 1024), ("intermediate", 2816), ("layers", None), ("experts", 8),
+                          ("top-k", 2), ("vocab", None)):
+        ap.add_argument(f"--{name}", type=int, default=default,
+                        help="random (layers 4, vocab 32000) or mixtral-width (layers 2, vocab 512)")
+    ap.add_argument("--divisor", type=int, default=1, help="mixtral-width only: divide its widths by 2, 4 or 8")
+    ap.add_argument("--shard-size", default="2GB", help="random and mixtral-width only")
     a = ap.parse_args(argv)
-    if a.family == "random":
-        out = make_random_checkpoint(a.path, hidden=a.hidden, intermediate=a.intermediate, layers=a.layers,
-                                     experts=a.experts, top_k=a.top_k, vocab=a.vocab, dtype=a.dtype or "bfloat16",
+    if a.family == "mixtral-width":
+        out = make_mixtral_width_checkpoint(a.path, divisor=a.divisor, layers=a.layers or 2, vocab=a.vocab or 512,
+                                            dtype=a.dtype or "bfloat16", seed=a.seed, shard_size=a.shard_size)
+    elif a.family == "random":
+        out = make_random_checkpoint(a.path, hidden=a.hidden, intermediate=a.intermediate, layers=a.layers or 4,
+                                     experts=a.experts, top_k=a.top_k, vocab=a.vocab or 32000,
+                                     dtype=a.dtype or "bfloat16",
                                      shard_size=a.shard_size, seed=a.seed)
     else:
         out = make_baby_checkpoint(a.family, a.path, seed=a.seed, dtype=a.dtype or "float32")
