@@ -10,6 +10,29 @@
 
 namespace {
 
+// The NR rows starting at i of a matmul_t tile: their codes, the codes of the next NR rows (prefetched:
+// pages restart the hardware prefetcher), their scales and zeros, and their weights h[t][i + r].
+// False when every weight is zero (the rows add nothing).
+template <int NT, int NR>
+inline bool mt_row_setup(const moepack_cpu::QMat& m, const float* h, int64_t n, const int64_t* rows, int64_t i,
+                         const uint8_t** cp, const uint8_t** pf, const uint16_t** sp, const uint16_t** zp,
+                         float (*hv)[NT]) {
+  bool any = false;
+  for (int r = 0; r < NR; ++r) {
+    const int64_t row = rows ? rows[i + r] : i + r;
+    cp[r] = m.codes + row * m.row_bytes;
+    const int64_t next = i + NR + r < n ? (rows ? rows[i + NR + r] : i + NR + r) : row;
+    pf[r] = m.codes + next * m.row_bytes;
+    sp[r] = m.scale + row * m.groups;
+    zp[r] = m.zero + row * m.groups;
+    for (int t = 0; t < NT; ++t) {
+      hv[r][t] = h[t * n + i + r];
+      any |= hv[r][t] != 0.0f;
+    }
+  }
+  return any;
+}
+
 #if MOEPACK_Q8_VEC == 64
 // matmul_t (h @ W, a weighted sum of rows) for q4, and q2 with groups of a multiple of 64, on zmm.
 // Per row and group, a 16-float table holds h_t * (q - z) * s for every code q (for q2, the four values
@@ -27,20 +50,7 @@ inline void mt_rows_512(const moepack_cpu::QMat& m, const float* h, int64_t n, c
   const uint16_t* sp[NR];
   const uint16_t* zp[NR];
   float hv[NR][NT];
-  bool any = false;
-  for (int r = 0; r < NR; ++r) {
-    const int64_t row = rows ? rows[i + r] : i + r;
-    cp[r] = m.codes + row * m.row_bytes;
-    const int64_t next = i + NR + r < n ? (rows ? rows[i + NR + r] : i + NR + r) : row;
-    pf[r] = m.codes + next * m.row_bytes;  // the next rows, prefetched (pages restart the hardware's)
-    sp[r] = m.scale + row * m.groups;
-    zp[r] = m.zero + row * m.groups;
-    for (int t = 0; t < NT; ++t) {
-      hv[r][t] = h[t * n + i + r];
-      any |= hv[r][t] != 0.0f;
-    }
-  }
-  if (!any) return;
+  if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, sp, zp, hv)) return;
   const __m512 iota = B == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
                              : _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
   const int64_t c0 = g0 * m.group;
@@ -137,20 +147,7 @@ inline void mt_rows_256(const moepack_cpu::QMat& m, const float* h, int64_t n, c
   const uint16_t* sp[NR];
   const uint16_t* zp[NR];
   float hv[NR][NT];
-  bool any = false;
-  for (int r = 0; r < NR; ++r) {
-    const int64_t row = rows ? rows[i + r] : i + r;
-    cp[r] = m.codes + row * m.row_bytes;
-    const int64_t next = i + NR + r < n ? (rows ? rows[i + NR + r] : i + NR + r) : row;
-    pf[r] = m.codes + next * m.row_bytes;  // the next rows, prefetched (pages restart the hardware's)
-    sp[r] = m.scale + row * m.groups;
-    zp[r] = m.zero + row * m.groups;
-    for (int t = 0; t < NT; ++t) {
-      hv[r][t] = h[t * n + i + r];
-      any |= hv[r][t] != 0.0f;
-    }
-  }
-  if (!any) return;
+  if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, sp, zp, hv)) return;
   const int64_t c0 = g0 * m.group, tg = g1 - g0;
   for (int64_t g = g0; g < g1; ++g) {
     __m256 a[NR][NT];
