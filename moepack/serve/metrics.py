@@ -100,32 +100,30 @@ class Metrics:
             speed_lines = self.speed.lines("moepack_decode_tokens_per_second")
         metric("moepack_requests_total", "counter", "HTTP requests by endpoint and status code.",
                [f'moepack_requests_total{{endpoint="{ep}",status="{st}"}} {n}' for (ep, st), n in reqs])
-        metric("moepack_requests_rejected_total", "counter", "Requests refused because the queue was full.",
-               [f"moepack_requests_rejected_total {rejected}"])
-        metric("moepack_engine_errors_total", "counter", "Engine steps that failed (their requests got an error).",
-               [f"moepack_engine_errors_total {errors}"])
-        metric("moepack_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-               [f"moepack_prompt_tokens_total {snap['prompt_tokens']}"])
-        metric("moepack_generated_tokens_total", "counter", "Tokens generated for finished requests.",
-               [f"moepack_generated_tokens_total {snap['completion_tokens']}"])
-        metric("moepack_queue_depth", "gauge", "Requests waiting for a place in the batch.",
-               [f"moepack_queue_depth {snap['waiting']}"])
-        metric("moepack_requests_running", "gauge", "Requests in the engine's batch.",
-               [f"moepack_requests_running {snap['running']}"])
-        metric("moepack_engine_steps_total", "counter", "Engine steps (one forward of every sequence in flight).",
-               [f"moepack_engine_steps_total {snap['steps']}"])
-        metric("moepack_expert_cache_hits_total", "counter", "Expert accesses served from a cache slot.",
-               [f"moepack_expert_cache_hits_total {snap['hits']}"])
-        metric("moepack_expert_cache_misses_total", "counter", "Expert accesses that had to move the expert.",
-               [f"moepack_expert_cache_misses_total {snap['misses']}"])
-        rate = snap["cache_hit_rate"]
-        metric("moepack_expert_cache_hit_rate", "gauge", "Hits / accesses since the start (NaN: no budgeted cache).",
-               [f"moepack_expert_cache_hit_rate {'NaN' if rate is None else f'{rate:.6g}'}"])
-        metric("moepack_expert_bytes_moved_total", "counter", "Expert bytes moved into slots or streamed past them.",
-               [f"moepack_expert_bytes_moved_total {snap['bytes']}"])
-        per = snap["bytes_per_token"]
-        metric("moepack_expert_bytes_per_token", "gauge", "Expert bytes moved per decoded token since the start.",
-               [f"moepack_expert_bytes_per_token {'NaN' if per is None else f'{per:.6g}'}"])
+        rate, per = snap["cache_hit_rate"], snap["bytes_per_token"]
+        scalars = (  # (name, kind, help, value) of the metrics with one unlabelled sample
+            ("moepack_requests_rejected_total", "counter", "Requests refused because the queue was full.", rejected),
+            ("moepack_engine_errors_total", "counter", "Engine steps that failed (their requests got an error).",
+             errors),
+            ("moepack_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", snap["prompt_tokens"]),
+            ("moepack_generated_tokens_total", "counter", "Tokens generated for finished requests.",
+             snap["completion_tokens"]),
+            ("moepack_queue_depth", "gauge", "Requests waiting for a place in the batch.", snap["waiting"]),
+            ("moepack_requests_running", "gauge", "Requests in the engine's batch.", snap["running"]),
+            ("moepack_engine_steps_total", "counter", "Engine steps (one forward of every sequence in flight).",
+             snap["steps"]),
+            ("moepack_expert_cache_hits_total", "counter", "Expert accesses served from a cache slot.", snap["hits"]),
+            ("moepack_expert_cache_misses_total", "counter", "Expert accesses that had to move the expert.",
+             snap["misses"]),
+            ("moepack_expert_cache_hit_rate", "gauge", "Hits / accesses since the start (NaN: no budgeted cache).",
+             "NaN" if rate is None else f"{rate:.6g}"),
+            ("moepack_expert_bytes_moved_total", "counter", "Expert bytes moved into slots or streamed past them.",
+             snap["bytes"]),
+            ("moepack_expert_bytes_per_token", "gauge", "Expert bytes moved per decoded token since the start.",
+             "NaN" if per is None else f"{per:.6g}"),
+        )
+        for name, kind, help_, value in scalars:
+            metric(name, kind, help_, [f"{name} {value}"])
         metric("moepack_time_to_first_token_seconds", "histogram", "From arrival to the first generated token.",
                ttft_lines)
         metric("moepack_decode_tokens_per_second", "histogram", "Per request: tokens after the first / their time.",
