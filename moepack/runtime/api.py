@@ -20,7 +20,7 @@ from moepack.format import Pack
 from moepack.kernels import Backend, kernel_name
 from moepack.runtime.adaptive import AdaptiveCalibration
 from moepack.runtime.belady import belady, static_best
-from moepack.runtime.budget import PREFILL_CHUNK, BudgetPlan, MemoryNeeds, plan_budget, workspace_bytes  # noqa: F401
+from moepack.runtime.budget import PREFILL_CHUNK, BudgetPlan, MemoryNeeds, plan_budget
 from moepack.runtime.cache import ExpertCache, Policy
 from moepack.runtime.config import RunConfig
 from moepack.runtime.engine import Engine
@@ -68,8 +68,8 @@ def expert_cache(pack: Pack, slots: int, device: torch.device, policy: Policy | 
 
 
 def check_context(spec, context: int) -> None:
-    """A context past the model's trained positions: refused where the RoPE cannot extend (none of the
-    supported types scales beyond what it was configured for), warned about where it can."""
+    """A context past the model's positions is warned about once (every supported RoPE still computes
+    there, but an unscaled one degrades past its trained length)."""
     limit = spec.max_position_embeddings
     if not limit or context <= limit:
         return
