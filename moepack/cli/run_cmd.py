@@ -145,6 +145,7 @@ def print_stats(console: Console, s, config=None) -> None:
 
 
 EXTRA_LABELS = {
+    "decode_path": "one-token decode",
     "prefetch_used": "prefetched experts used",
     "prefetch_wasted": "prefetched experts unused",
     "little_token_share": "tokens run on the little half",

@@ -50,7 +50,8 @@ from moepack.errors import KernelUnavailableError
 from moepack.procs import pid_alive
 
 CSRC = Path(__file__).parent / "csrc"
-CPU_SOURCES = ("dequant_cpu.cpp", "isa_generic.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp")
+CPU_SOURCES = ("dequant_cpu.cpp", "isa_generic.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512_vnni.cpp",
+               "cpu_layer.cpp")
 CPU_CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 CPU_LDFLAGS = ("-fopenmp",)
 DEFAULT_BUILD_TIMEOUT = 600.0

@@ -262,6 +262,7 @@ class MoePackModel:
                          backend=self.kernels, prefetch="fate" if self.prefetcher is not None else "none",
                          stall_s=es.stall_s, expert_calls=es.expert_calls,
                          host_overhead_s_per_layer=es.host_overhead_s_per_layer(self.spec.num_layers))
+        stats.extra["decode_path"] = self.model.decode_path  # runtime/fused_decode.py
         cs, counts = es.cache, es.counts
         if cache is not None:
             stats.cache_hits, stats.cache_misses = cs.hits, cs.misses

@@ -186,6 +186,11 @@ class KVCache:
                 new[:, :, : self.length] = t[:, :, : self.length]
                 lst[i] = new
 
+    def reserve(self, end: int) -> None:
+        """Make room for positions up to `end` (exclusive), growing every layer's buffers if needed."""
+        if end > self.capacity:
+            self._grow(end)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, nkv, T, d] at positions length..length+T-1; return all valid k/v of the layer.
         `length` advances only through `advance` (once per forward, after the last layer)."""

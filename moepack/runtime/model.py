@@ -38,6 +38,7 @@ from moepack.runtime.layers import (
     rope_inv_freq,
     signed_sin,
 )
+from moepack.runtime.fused_decode import fused_decoder
 from moepack.runtime.prepared import CLOCK, Dense
 
 __all__ = ["DenseExpertExecutor", "KVCache", "MoeModel", "Segment", "storage_dtype", "widens_on"]
@@ -184,6 +185,7 @@ class MoeModel:
         self.route_hooks: list[RouteHook] = []
         self.layer_hooks: list[LayerHook] = []
         self.layer_wall_s = self.layer_kernel_s = 0.0
+        self.fused, self.decode_path = fused_decoder(self)  # one-token decode in one C++ call per layer
 
     # --- construction helpers ----------------------------------------------------------------------
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -335,6 +337,8 @@ class MoeModel:
     def run(self, ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         """The token stream ids [N] (segments in order) -> final-normed hidden states [N, H]. Each segment's
         cache advances by its tokens."""
+        if self.fused is not None and self.fused.applies(segments):  # runtime/fused_decode.py
+            return self.fused.run(ids, segments[0])
         spec = self.spec
         rope = self._rope(segments)  # per row [N, 1, r], broadcast over heads
         h = self.embed_tokens(ids)  # [N, H]
