@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from moepack.arch import PROJS, ModelSpec, adapter_for, spec_from_config
 from moepack.kernels import Backend, resolve_backend
+from moepack.runtime.fused_decode import fused_decoder
 from moepack.runtime.layers import (
     KVCache,
     apply_rope,
@@ -38,7 +39,6 @@ from moepack.runtime.layers import (
     rope_inv_freq,
     signed_sin,
 )
-from moepack.runtime.fused_decode import fused_decoder
 from moepack.runtime.prepared import CLOCK, Dense
 
 __all__ = ["DenseExpertExecutor", "KVCache", "MoeModel", "Segment", "storage_dtype", "widens_on"]
