@@ -138,11 +138,38 @@ def test_pack_generation_same_through_both_paths(baby, tmp_path, family, kw):
     runs = {}
     for name in ("fused", "ref"):
         model = MoePackModel.load(pack, device="cpu", context=64, **kw)
-        assert model.model.fused is not None
+        assert model.model.fused is not None and model.executor.mix_op is not None
         if name == "ref":
-            model.model.fused = None
+            model.model.fused = model.executor.mix_op = None
         ids = torch.randint(3, 500, (8,), generator=torch.Generator().manual_seed(6)).tolist()
         g = model.generate(ids, max_new_tokens=10, stop_at_eos=False)
         runs[name] = (g.tokens, g.stats.expert_calls, g.stats.cache_hits, g.stats.extra["decode_path"])
     assert runs["fused"][:3] == runs["ref"][:3]
     assert runs["fused"][3] == "fused C++ layer op"
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "q4g32", "q3g32", "q2g64", "q4g32+r4"])
+def test_experts_op_equals_expert_by_expert(baby, tmp_path, recipe):
+    """`moe_token` (one token's experts in one call) against the executor's one-by-one products on random
+    inputs: the same ops in the same order, so the same bits. A low-rank recipe is not run by the op."""
+    from moepack.compress import compress
+    from moepack.runtime.api import MoePackModel
+
+    pack = compress(str(baby("qwen3_moe", num_hidden_layers=2)), tmp_path / "p.moepack", recipe=recipe).path
+    model = MoePackModel.load(pack, device="cpu", context=32)
+    ex, spec = model.executor, model.spec
+    op = ex.mix_op
+    assert op is not None
+    calls = []
+    g = torch.Generator().manual_seed(8)
+    for layer in spec.sparse_layer_ids:
+        for _ in range(3):
+            x = torch.randn(1, spec.hidden_size, generator=g)
+            ids = torch.randperm(spec.num_experts, generator=g)[: spec.top_k][None]
+            w = torch.rand(1, spec.top_k, generator=g)
+            ex.mix_op = lambda *a: calls.append(1) or op(*a)
+            got = ex.forward(layer, x, ids, w)
+            ex.mix_op = None
+            want = ex.forward(layer, x, ids, w)
+            assert torch.equal(got, want)
+    assert len(calls) == (0 if "+r" in recipe else 3 * len(spec.sparse_layer_ids))

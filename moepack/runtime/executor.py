@@ -45,6 +45,7 @@ from moepack.kernels import Backend
 from moepack.runtime.adaptive import big_little_mask, little_share, reweight
 from moepack.runtime.cache import ExpertCache
 from moepack.runtime.expert_compute import expert_ffn, partial_ffn, sparse_ffn
+from moepack.runtime.fused_decode import experts_one_token, experts_op
 from moepack.runtime.loader import AsyncLoader
 from moepack.runtime.prepared import Projection, expert_projections
 from moepack.runtime.stats import EngineStats
@@ -94,6 +95,7 @@ class StreamingExecutor:
         self._slot_views: dict[int, tuple[Key, dict]] = {}  # slot -> (key, its projections)
         self._inplace: dict[Key, dict] = {}  # projections over the mapped pack (no cache)
         self._loaded: set[Key] = set()  # keys loaded in the current layer step
+        self.mix_op = experts_op(self.device, self.backend)  # one token's experts in one C++ call (or None)
         self.stats = EngineStats()
         self.use_stats(self.stats)
 
@@ -396,6 +398,10 @@ class StreamingExecutor:
         one = x.shape[0] == 1  # one token: every expert reads x itself, no gather or scatter
         if one:
             weight = dict(zip(flat.tolist(), topk_weights[0].tolist(), strict=True))
+            if self.mix_op is not None and experts and not deferred:  # runtime/fused_decode.py
+                y = experts_one_token(self, layer, x, order, views, weight)
+                if y is not None:
+                    return y
         else:  # (token, slot) pairs grouped by expert, in expert-id order: one sort, one gather
             sel = torch.argsort(flat, stable=True)[: ends[-1]] if experts else flat[:0]
             tok = torch.div(sel, k, rounding_mode="floor")

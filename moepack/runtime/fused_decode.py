@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moepack.kernels import Backend
+from moepack.codecs.recipe import as_recipe
+from moepack.kernels import Backend, resolve_backend
 from moepack.kernels._build import CPP
 from moepack.runtime.layers import rms_norm
-from moepack.runtime.prepared import CLOCK
+from moepack.runtime.prepared import CLOCK, Projection
 
 if TYPE_CHECKING:
     from moepack.runtime.model import MoeModel, Segment
 
-__all__ = ["FAMILIES", "FusedDecode", "fused_decoder"]
+__all__ = ["FAMILIES", "FusedDecode", "experts_one_token", "experts_op", "fused_decoder", "mix_args"]
 
 FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})  # what cpu_layer.cpp implements
 _QK_NORM = {None: 0, "head": 1, "full": 2}
@@ -40,7 +41,7 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def unavailable(model: MoeModel) -> str | None:
     """Why the fused op cannot run this model's decode (None: it can)."""
     spec = model.spec
-    if os.environ.get("MOEPACK_FUSED_DECODE", "").strip() == "0":
+    if _disabled():
         return "disabled by MOEPACK_FUSED_DECODE=0"
     if model.device.type != "cpu":
         return f"the fused op is CPU-only (device {model.device.type})"
@@ -137,6 +138,98 @@ class FusedDecode:
         model.layer_wall_s, model.layer_kernel_s = wall, kernel
         cache.advance(1)
         return rms_norm(h, model.final_norm, spec.rms_norm_eps)
+
+
+# --- the routed experts of one token ---------------------------------------------------------------------
+def experts_op(device: torch.device, backend: Backend):
+    """The C++ op `moe_token` (all of a token's routed experts in one call), or None where it does not apply
+    (not the CPU, the TORCH backend asked for, MOEPACK_FUSED_DECODE=0, or no C++ kernels)."""
+    if device.type != "cpu" or backend is Backend.TORCH or _disabled() or not CPP.available():
+        return None
+    return CPP.load().moe_token
+
+
+def _disabled() -> bool:
+    return os.environ.get("MOEPACK_FUSED_DECODE", "").strip() == "0"
+
+
+def mix_args(projs: dict, backend: Backend) -> tuple[list[torch.Tensor], list[int]] | None:
+    """(parts, meta) of an expert's gate, up and down for `moe_token`, or None when one of them is a product
+    the op does not run (low-rank or N:M terms, a backend other than C++, a passthrough width that is not a
+    multiple of 32): that expert takes expert_compute.expert_ffn. Worked out once per set of projections
+    (kept on the gate projection)."""
+    gate = projs["gate"]
+    held = getattr(gate, "mix", False)
+    if held is not False:
+        return held
+    parts: list[torch.Tensor] = []
+    meta: list[int] = []
+    for name in ("gate", "up", "down"):
+        got = _projection_args(projs[name], backend)
+        if got is None:
+            parts = None
+            break
+        parts.extend(got[0])
+        meta.extend(got[1])
+    gate.mix = (parts, meta) if parts is not None else None
+    return gate.mix
+
+
+def _projection_args(proj, backend: Backend) -> tuple[list[torch.Tensor], list[int]] | None:
+    if not isinstance(proj, Projection):
+        return None
+    tensors, recipe, (_, cols) = proj
+    recipe = as_recipe(recipe)
+    if recipe.rank or recipe.sparse or any(t.device.type != "cpu" for t in tensors.values()):
+        return None
+    if resolve_backend(backend, recipe, torch.device("cpu")) is not Backend.CPP:
+        return None
+    if recipe.quantized:
+        if recipe.group % 32 or cols % recipe.group:
+            return None
+        parts = [tensors[k].contiguous() for k in ("codes", "scale", "zero")]
+        return parts, [1, recipe.bits, recipe.group, cols]
+    values = tensors["values"]
+    if recipe.dtype not in ("bf16", "fp16") or values.shape[1] % 32 or values.stride(-1) != 1:
+        return None
+    return [values], [0, 0, 0, cols]
+
+
+def experts_one_token(ex, layer: int, x: torch.Tensor, order: list[int], views: dict,
+                      weight: dict[int, float]) -> torch.Tensor | None:
+    """StreamingExecutor.forward's compute for one token in one `moe_token` call: every expert of `order`
+    acquired (none bypassed), dense (no FloE keep) and run by the C++ kernels; else None (the executor then
+    computes them one by one). Waits, counters and unpinning as the one-by-one loop does them; the sum is
+    in expert-id order with the same ops, so the numbers are the same."""
+    if x.dtype != torch.float32 or not x.is_contiguous():  # the one-by-one ops convert bf16 per product
+        return None
+    args = []
+    for e in order:
+        projs = views.get(e)
+        if projs is None or ex.keep_for((layer, e)) is not None:
+            return None
+        got = mix_args(projs, ex.backend)
+        if got is None:
+            return None
+        args.append((e, got))
+    args.sort(key=lambda a: a[0])
+    parts: list[torch.Tensor] = []
+    meta: list[int] = []
+    for _, (p, m) in args:
+        parts.extend(p)
+        meta.extend(m)
+    stats, cache = ex.stats, ex.cache
+    for e in order:
+        ex._wait((layer, e))
+        stats.expert_calls += 1
+        stats.expert_tokens += 1
+    t0 = perf_counter()
+    y = ex.mix_op(x, parts, meta, [weight[e] for e, _ in args])
+    CLOCK.s += perf_counter() - t0
+    if cache is not None:
+        for e in order:
+            ex._unpin((layer, e))
+    return y.to(x.dtype)
 
 
 def _matrix(w: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@
 // loader picks the best one the CPU has; elsewhere they are plain C++.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -349,9 +350,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_la
   return {h_out, x_out, logits, ids, wts};
 }
 
+// --- the routed experts of one token ------------------------------------------------------------------
+// moe_token(x[1,H], parts, meta, weights) = sum over experts e (in the order given) of
+//   weights[e] * down_e(silu(gate_e(x)) * up_e(x))
+// with each projection run by this library's own ops (pmatmul / qmatmul, pmatmul_t / qmatmul_t) through the
+// dispatcher, so the numbers are those of the Python executor (runtime/expert_compute.expert_ffn) calling
+// the same ops one by one. meta holds 4 ints per projection (gate, up, down of each expert): kind (0: a
+// bf16/fp16 matrix, one part `values`; 1: group-quantised, three parts codes, scale, zero), bits, group, cols.
+using MM = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
+using QM = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const c10::optional<at::Tensor>&, int64_t, int64_t);
+using QMT = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t);
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+at::Tensor moe_token(const at::Tensor& x, at::TensorList parts, at::IntArrayRef meta, at::ArrayRef<double> weights) {
+  static const auto pm = handle<MM>("moepack_cpu::pmatmul");
+  static const auto pmt = handle<MM>("moepack_cpu::pmatmul_t");
+  static const auto qm = handle<QM>("moepack_cpu::qmatmul");
+  static const auto qmt = handle<QMT>("moepack_cpu::qmatmul_t");
+  const int64_t experts = static_cast<int64_t>(weights.size());
+  check(experts >= 1 && static_cast<int64_t>(meta.size()) == 12 * experts, "moe_token: 4 ints per projection");
+  check(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(),
+        "moe_token: x must be one contiguous float32 row");
+  const c10::optional<at::Tensor> none;
+  size_t p = 0;
+  auto product = [&](int64_t proj, const at::Tensor& in, bool transposed) {
+    const int64_t* m = meta.data() + 4 * proj;
+    if (m[0] == 0) {
+      check(p + 1 <= parts.size(), "moe_token: too few parts");
+      const at::Tensor& w = parts[p++];
+      return transposed ? pmt.call(in, w, none) : pm.call(in, w, none);
+    }
+    check(m[0] == 1 && p + 3 <= parts.size(), "moe_token: bad projection kind or too few parts");
+    const at::Tensor &codes = parts[p], &scale = parts[p + 1], &zero = parts[p + 2];
+    p += 3;
+    return transposed ? qmt.call(in, codes, scale, zero, none, m[1], m[2], m[3])
+                      : qm.call(in, codes, scale, zero, none, m[1], m[2]);
+  };
+  at::Tensor out;
+  for (int64_t e = 0; e < experts; ++e) {
+    at::Tensor g = product(3 * e, x, false);
+    at::Tensor u = product(3 * e + 1, x, false);
+    at::Tensor y = product(3 * e + 2, at::silu(g) * u, true);
+    at::Tensor v = y * weights[e];
+    out = e == 0 ? v : out + v;
+  }
+  check(p == parts.size(), "moe_token: too many parts");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moepack_cpu, m) {
+  m.def("moe_token(Tensor x, Tensor[] parts, int[] meta, float[] weights) -> Tensor");
   m.def(
       "decode_layer(Tensor h, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
       "Tensor in_norm, Tensor post_norm, Tensor qkv_w, Tensor? qkv_b, Tensor? q_norm, Tensor? k_norm, "
@@ -360,4 +416,7 @@ TORCH_LIBRARY_FRAGMENT(moepack_cpu, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(moepack_cpu, CPU, m) { m.impl("decode_layer", &decode_layer); }
+TORCH_LIBRARY_IMPL(moepack_cpu, CPU, m) {
+  m.impl("decode_layer", &decode_layer);
+  m.impl("moe_token", &moe_token);
+}
