@@ -132,15 +132,19 @@ def render(m: dict) -> str:
 
 def measure_host(*, repeats: int, new_tokens: int) -> dict:
     """moepack (bf16 pack, whole, 1 thread) and llama.cpp f16 on the toy model, plus a moepack profile."""
-    from benchmarks.peers.common import toy_checkpoint
-
-    ck = toy_checkpoint() or checkpoint(TOY_SHAPE)
+    ck = toy_mixtral() or checkpoint(TOY_SHAPE)
     pk = pack(ck, "bf16")
     base = {"prompt_ids": token_ids(ck, PROMPT), "repeats": repeats, "new_tokens": new_tokens, "context": 256,
             "threads": 1}  # the toy model's positions
     load0 = os.getloadavg()[0]
     log("host: moepack bf16 pack, whole, 1 thread")
     mp = run_worker({**base, "system": "moepack", "path": str(pk), "label": "moepack bf16 pack"})
+    log("host: the same, Python forward (MOEPACK_FUSED_DECODE=0)")
+    os.environ["MOEPACK_FUSED_DECODE"] = "0"  # inherited by the worker: the reference path, same run
+    try:
+        ref = run_worker({**base, "system": "moepack", "path": str(pk), "label": "moepack bf16 pack, Python"})
+    finally:
+        del os.environ["MOEPACK_FUSED_DECODE"]
     prof = run_worker({**base, "system": "moepack", "path": str(pk), "profile": True, "repeats": 0})
     budget = op_budget(pk, base["prompt_ids"])
     llama, why = None, None
@@ -155,11 +159,28 @@ def measure_host(*, repeats: int, new_tokens: int) -> dict:
             why = llama.get("error")
     except Exception as exc:  # noqa: BLE001 - a missing peer is reported in the section, not fatal
         why = f"{type(exc).__name__}: {exc}"
-    return {"checkpoint": str(ck), "trained": ck.name != TOY_SHAPE.name, "moepack": mp, "profile": prof,
+    return {"checkpoint": str(ck), "trained": ck.name != TOY_SHAPE.name, "moepack": mp, "python": ref,
+            "profile": prof,
             "llama": llama if why is None else None, "llama_missing": why, "layers": TOY_SHAPE.layers,
             "budget": budget,
             "load": (load0, os.getloadavg()[0]), "repeats": repeats, "new_tokens": new_tokens,
             "prompt_tokens": len(base["prompt_ids"])}
+
+
+def toy_mixtral() -> Path | None:
+    """The trained toy Mixtral in the cache (the targets are set on it), newest first; other trained toys
+    (other families, written by other benchmarks) are left out."""
+    cache = Path(os.environ.get("MOEPACK_CACHE") or Path.home() / ".cache" / "moepack") / "toy-model"
+    done = []
+    for d in cache.glob("*-*"):
+        try:
+            if (d / "moepack_toy.json").exists() and \
+                    json.loads((d / "config.json").read_text()).get("model_type") == "mixtral":
+                done.append(d)
+        except (OSError, ValueError):
+            continue
+    done.sort(key=lambda d: (d.name.startswith("large"), d.stat().st_mtime))
+    return done[-1] if done else None
 
 
 def op_budget(pack_path: Path, prompt: list[int]) -> dict:
@@ -219,6 +240,11 @@ def render_host(m: dict) -> str:
     token_us = 1e6 / mp["decode_tps"]
     rows = [["moepack bf16 pack, whole", f"{mp['decode_tps']:.0f}", f"{token_us:.0f}", f"{host_us:.0f}",
              f"{host_us * m['layers'] / token_us:.0%}"]]
+    ref = m.get("python") or {}
+    if "decode_tps" in ref:
+        ref_host, ref_us = ref["host_overhead_s_per_layer"] * 1e6, 1e6 / ref["decode_tps"]
+        rows.append(["moepack, Python forward (MOEPACK_FUSED_DECODE=0)", f"{ref['decode_tps']:.0f}",
+                     f"{ref_us:.0f}", f"{ref_host:.0f}", f"{ref_host * m['layers'] / ref_us:.0%}"])
     if llama is not None:
         rows.append(["llama.cpp f16", f"{llama['decode_tps']:.0f}", f"{1e6 / llama['decode_tps']:.0f}", "-", "-"])
     verdict = [f"- host overhead {host_us:.0f} us per layer per token against a target of {HOST_TARGET_US:.0f} "
@@ -236,16 +262,19 @@ def render_host(m: dict) -> str:
     prof = m["profile"].get("profile") or []
     if isinstance(prof, dict):  # the worker profiles decode and prefill apart
         prof = prof.get("decode") or []
+    if "decode_tps" in ref:
+        same = "the same tokens" if ref.get("tokens") == mp.get("tokens") else "DIFFERENT tokens"
+        verdict.append(f"- the fused decode (runtime/fused_decode.py) against the Python forward it replaces, "
+                       f"same run: {mp['decode_tps'] / ref['decode_tps']:.2f}x the tokens/s, host overhead "
+                       f"{ref_host:.0f} -> {host_us:.0f} us per layer, {same}.")
     b = m.get("budget")
     if b:
         verdict.append(
-            f"- where the host time goes: each layer of a decoded token runs {b['ops_per_layer']:.0f} torch "
-            f"operators (nested ones included) and {b['python_calls_per_layer']:.0f} Python calls; one small "
-            f"operator costs {b['small_op_us']:.1f} us on this machine now, so the operators alone come to about "
-            f"{b['ops_per_layer'] * b['small_op_us']:.0f} us per layer. Under the target needs the dense part of a "
-            f"layer (norms, rope, KV write, routing) fused into a few compiled calls: a C++ layer op, or grouped "
-            f"expert products; torch.compile of a norm + rope block cost more per call than eager at one token "
-            f"(guards and wrapper), so it is not used.")
+            f"- where the time goes: each layer of a decoded token runs {b['ops_per_layer']:.0f} torch operators "
+            f"(nested ones included, most of them inside the two C++ calls) and {b['python_calls_per_layer']:.0f} "
+            f"Python calls (the executor's routing and cache bookkeeping, counters, the call arguments); one "
+            f"small operator costs {b['small_op_us']:.1f} us on this machine now. The rest of a token is outside "
+            f"the layers: embedding, final norm, lm_head, sampling and the engine's step.")
     model = ("the trained toy Mixtral" if m["trained"] else
              "a generated checkpoint of the toy Mixtral's size (the trained one is not cached on this machine)")
     return "\n".join([
@@ -254,7 +283,10 @@ def render_host(m: dict) -> str:
         f"experts, top-2). One thread, prompt {m['prompt_tokens']} tokens, {m['new_tokens']} new tokens greedy, "
         f"medians over {m['repeats']} runs after a warm-up, each system in its own process. Host overhead is "
         f"`host_overhead_s_per_layer` of `run --json`: per decoded token and layer, the layer's wall time minus "
-        f"the time inside kernel calls (expert and dense products, attention core) and copies. 1-minute load "
+        f"the time inside kernel calls and copies. In the fused decode a layer is two compiled calls, its "
+        f"dense work (norms, q/k/v, rotary, KV write, attention, o, router top-k: `decode_layer`) and its "
+        f"routed experts (`moe_token`), both counted as kernel time; what is left is Python between them. "
+        f"In the Python forward the kernel calls are the products and the attention core. 1-minute load "
         f"average {m['load'][0]:.1f} at the start and {m['load'][1]:.1f} at the end (2 cores shared: wall times "
         f"include waiting for a core).", "",
         markdown_table(["system", "decode tok/s", "us per token", "host us / layer / token", "host share"], rows),
