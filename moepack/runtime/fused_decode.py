@@ -1,6 +1,7 @@
-"""One-token decode with each layer's dense work in one compiled call (the C++ op `decode_layer`).
+"""One-token decode in two compiled calls per layer: its dense work (`decode_layer`) and its routed experts
+(`moe_token`), C++ ops of moepack/kernels/csrc/cpu_layer.cpp.
 
-At one token a layer of the Python forward (`MoeModel.run`) makes about a hundred small torch calls (norms,
+At one token a layer of the Python forward (`MoeModel.run`) makes many small torch calls (norms,
 the q/k/v split, rotary embedding, the KV write, attention, the router's softmax and top-k), each costing far
 more than its arithmetic on a small model. `FusedDecode` runs the same steps for a single sequence's single
 new token as one call per layer (moepack/kernels/csrc/cpu_layer.cpp), then hands the routed experts to the
@@ -12,7 +13,12 @@ It applies when all of these hold, else `decode_path` names the reason and every
 forward: the CPU with the C++ kernels, float32 compute, a family whose attention and routing the op
 implements (`FAMILIES`: softmax routing, SiLU experts), dense weights in float32, bf16 or fp16, and
 `MOEPACK_FUSED_DECODE` not set to 0. Per step it is used for one sequence feeding one token with a cache
-(decode); prefill and multi-sequence steps take the Python forward."""
+(decode); prefill and multi-sequence steps take the Python forward.
+
+The streaming executor, for one token, runs all its experts in one `moe_token` call (`experts_one_token`)
+when every one is acquired (not streamed past the cache), dense (no FloE keep) and a product the C++ kernels
+run (`mix_args`); the op calls the same kernels as the executor's one-by-one loop and sums in the same
+order, so the numbers are the same bits. Otherwise, or with `MOEPACK_FUSED_DECODE=0`, the loop runs."""
 
 from __future__ import annotations
 

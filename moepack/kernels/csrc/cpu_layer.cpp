@@ -13,7 +13,7 @@
 //
 // This is the same arithmetic as the Python forward (moepack/runtime/model.py, layers.py), which stays the
 // reference; only the float32 summation order differs (and FMA contraction), so results agree to float
-// tolerance. It exists because at one token the Python forward's cost is ~100 small torch calls per layer,
+// tolerance. It exists because at one token the Python forward's cost is many small torch calls per layer,
 // each far more expensive than its arithmetic on a small model. Weight matrices may be float32, bf16 or
 // fp16 (widened on the fly); everything else is float32. qk_norm: 0 none, 1 per head (q_norm is the
 // [heads + kv_heads, d] table of head weights), 2 over the whole q / k projection (q_norm [heads*d],
@@ -77,35 +77,32 @@ inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals and inf
 constexpr int LANES = 16;
 
 // y[i] = W[i] . x for rows [r0, r1) of W (row stride ld), 16 independent partial sums per row so the
-// compiler vectorises without reassociating anything it was not told to.
-MP_CLONES void dot_rows_f32(const float* w, int64_t ld, const float* x, int64_t n, int64_t r0, int64_t r1,
-                            float* y) {
+// compiler vectorises without reassociating anything it was not told to. Always inlined into the cloned
+// callers below, so each clone compiles it for its own instruction set.
+template <class T, class Load>
+__attribute__((always_inline)) inline void dot_rows(const T* w, int64_t ld, const float* x, int64_t n, int64_t r0,
+                                                    int64_t r1, float* y, Load load) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* row = w + r * ld;
+    const T* row = w + r * ld;
     float acc[LANES] = {0};
     int64_t c = 0;
     for (; c + LANES <= n; c += LANES)
-      for (int j = 0; j < LANES; ++j) acc[j] += row[c + j] * x[c + j];
+      for (int j = 0; j < LANES; ++j) acc[j] += load(row[c + j]) * x[c + j];
     float s = 0.f;
-    for (; c < n; ++c) s += row[c] * x[c];
+    for (; c < n; ++c) s += load(row[c]) * x[c];
     for (int j = 0; j < LANES; ++j) s += acc[j];
     y[r] = s;
   }
 }
 
+MP_CLONES void dot_rows_f32(const float* w, int64_t ld, const float* x, int64_t n, int64_t r0, int64_t r1,
+                            float* y) {
+  dot_rows(w, ld, x, n, r0, r1, y, [](float v) { return v; });
+}
+
 MP_CLONES void dot_rows_bf16(const uint16_t* w, int64_t ld, const float* x, int64_t n, int64_t r0, int64_t r1,
                              float* y) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = w + r * ld;
-    float acc[LANES] = {0};
-    int64_t c = 0;
-    for (; c + LANES <= n; c += LANES)
-      for (int j = 0; j < LANES; ++j) acc[j] += bf16_to_f32(row[c + j]) * x[c + j];
-    float s = 0.f;
-    for (; c < n; ++c) s += bf16_to_f32(row[c]) * x[c];
-    for (int j = 0; j < LANES; ++j) s += acc[j];
-    y[r] = s;
-  }
+  dot_rows(w, ld, x, n, r0, r1, y, [](uint16_t v) { return bf16_to_f32(v); });
 }
 
 void dot_rows_f16(const uint16_t* w, int64_t ld, const float* x, int64_t n, int64_t r0, int64_t r1, float* y) {
