@@ -25,6 +25,7 @@ from moepack.runtime.cache import ExpertCache, Policy
 from moepack.runtime.config import RunConfig
 from moepack.runtime.engine import Engine
 from moepack.runtime.executor import StreamingExecutor
+from moepack.runtime.expert_compute import ExpertTerms
 from moepack.runtime.model import KVCache, MoeModel
 from moepack.runtime.prefetch import FatePrefetcher
 from moepack.runtime.routing_trace import profiled_popularity
@@ -173,7 +174,8 @@ class MoePackModel:
             streamer = Streamer(pack, dev, needs.slot_bytes, verify=config.verify)
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
                                      sparse_keep=sparse_keep, partial_loads=config.partial_loads,
-                                     bypass=config.bypass, device=dev, prefetch_min_prob=config.min_prob)
+                                     bypass=config.bypass, device=dev, prefetch_min_prob=config.min_prob,
+                                     terms=ExpertTerms.of(spec, dense, dtype=dtype, device=dev))
         model = MoeModel(spec, dense, executor, dtype=dtype, device=dev, backend=kernel)
         prefetcher = (FatePrefetcher(model, executor, width=config.prefetch_width)
                       if config.prefetch == "fate" else None)
