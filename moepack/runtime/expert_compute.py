@@ -47,6 +47,11 @@ class ExpertTerms:
     bias: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
+    def plain(cls) -> ExpertTerms:
+        """Plain SwiGLU without biases (the same numbers as no terms), for code that always takes terms."""
+        return cls("silu", None, 1.0, {})
+
+    @classmethod
     def of(cls, spec, tensors, *, dtype: torch.dtype = torch.float32,
            device: str | torch.device = "cpu") -> ExpertTerms | None:
         if spec.expert_act == "silu" and not spec.expert_bias:

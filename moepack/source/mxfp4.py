@@ -42,8 +42,8 @@ def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dty
 
 def encode_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., K] (K a multiple of 32) -> (blocks [..., K/32, 16], scales [..., K/32]), rounding each weight to
-    the nearest e2m1 code under its block's scale 2^(floor(log2 max|w|) - 2) (so the largest lands in
-    [4, 8) and rounds to at most 6). The inverse of decode_mxfp4 on its own output; for tests and
+    the nearest e2m1 code under its block's scale 2^(floor(log2 max|w|) - 2), the OCP rule (the largest
+    lands in [4, 8) and is clipped to 6). The inverse of decode_mxfp4 on its own output; for tests and
     generated checkpoints (released checkpoints come quantised)."""
     if w.shape[-1] % BLOCK:
         raise ValueError(f"MXFP4 needs rows that are a multiple of {BLOCK}, got {w.shape[-1]}")

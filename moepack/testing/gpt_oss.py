@@ -20,11 +20,12 @@ from moepack.testing.checkpoints import _DTYPES, _randomise, make_tokenizer_json
 
 
 def gpt_oss_config(**overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of transformers' GptOssConfig for a tiny model: odd widths (hidden 72, I = 40), 3
+    """Keyword arguments of transformers' GptOssConfig for a tiny model: odd widths (hidden 96, I = 40, q/k/v
+    64/32/32 wide; hidden a multiple of 32 so the group quantisers apply along it), 3
     layers alternating sliding (window 5) and full attention, 6 experts, top-2, a swiglu_limit low enough
     that the clamp acts on random weights, yarn RoPE as the released models use."""
     cfg: dict[str, Any] = dict(
-        vocab_size=512, hidden_size=72, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=512, hidden_size=96, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=6, num_experts_per_tok=2,
         max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=5, swiglu_limit=0.5,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None,
@@ -34,7 +35,7 @@ def gpt_oss_config(**overrides: Any) -> dict[str, Any]:
     return {**cfg, **overrides}
 
 
-MXFP4_WIDTHS = dict(hidden_size=96, intermediate_size=64, head_dim=16)  # multiples of the 32-weight block
+MXFP4_WIDTHS = dict(hidden_size=96, intermediate_size=64)  # multiples of the 32-weight MXFP4 block
 
 
 def build_gpt_oss(*, seed: int = 0, std: float = 0.05, **overrides: Any) -> torch.nn.Module:
