@@ -271,6 +271,12 @@ def test_runtime_techniques_run_and_batches_equal_single_runs(packs):
         out = approx.generate(ids, max_new_tokens=3, stop_at_eos=False)
         assert approx.executor.stats.counts[counter] > 0
         assert out.tokens and not torch.equal(approx.logits(ids), exact)
+    # partial loads read only the kept rows of gate/down from the pack: the same numbers as FloE in place
+    partial = MoePackModel.load(path, vram=MoePackModel.load(path, vram="1TB", context=64).budget.vram_for(2),
+                                context=64, sparse_channels=0.5, partial_loads=True)
+    got = partial.logits(ids)
+    assert partial.executor.stats.counts["partial_loads"] > 0
+    assert (got - sparse.logits(ids)).abs().max().item() < 1e-5
 
 
 def test_cli_inspect_plan_and_eval(source, packs, tmp_path, monkeypatch):

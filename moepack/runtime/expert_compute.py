@@ -66,9 +66,12 @@ class ExpertTerms:
             bias[layer] = (gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous(), down.contiguous())
         return cls(spec.expert_act, spec.swiglu_limit, spec.swiglu_alpha, bias)
 
+    def _bias(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return None if key is None else self.bias.get(key[0])  # key None: a caller without biases
+
     def up_factor(self, key, u: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The up branch as it multiplies the gate branch: u + bias (clamped, + 1 for the clamped SwiGLU)."""
-        b = self.bias.get(key[0])
+        b = self._bias(key)
         if b is not None:
             u = u + (b[1][key[1]] if rows is None else b[1][key[1]].index_select(0, rows))
         if self.act == "clamped_swiglu":
@@ -77,7 +80,7 @@ class ExpertTerms:
 
     def gate_act(self, key, g: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The gate branch: silu(g + bias), or g' * sigmoid(alpha * g') with g' = clamp(g + bias, max=limit)."""
-        b = self.bias.get(key[0])
+        b = self._bias(key)
         if b is not None:
             g = g + (b[0][key[1]] if rows is None else b[0][key[1]].index_select(0, rows))
         if self.act == "clamped_swiglu":
@@ -87,7 +90,7 @@ class ExpertTerms:
 
     def out(self, key, y: torch.Tensor) -> torch.Tensor:
         """The down product plus the down bias (before the routing weight)."""
-        b = self.bias.get(key[0])
+        b = self._bias(key)
         return y if b is None else y + b[2][key[1]]
 
 
