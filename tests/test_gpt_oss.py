@@ -178,6 +178,30 @@ def test_lossless_pack_matches_transformers_whole_and_squeezed(packs, hf, varian
     assert gen.tokens == greedy and squeezed.executor.cache.stats.misses > 3  # experts moved in and out
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bfloat16_compute_is_as_close_as_transformers_bf16(packs, source, variant):
+    """--dtype bfloat16 (activations, attention with sinks, biases widened per use): no further from the
+    float32 logits than 1.5x transformers' own bf16 run; a squeezed budget changes nothing."""
+    transformers = pytest.importorskip("transformers")
+    path = packs(variant)
+    exact = MoePackModel.load(path, device="cpu")
+    ids = exact.encode(PROMPT * 3)
+    want = exact.logits(ids)
+    fast = MoePackModel.load(path, device="cpu", dtype="bfloat16")
+    got = fast.logits(ids)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(source(variant), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = hf_bf16(torch.tensor([ids])).logits[0].float()
+
+    def dist(a):
+        return ((a - want).norm() / want.norm()).item()
+
+    assert 0 < dist(got) <= 1.5 * dist(ref)
+    probe = MoePackModel.load(path, device="cpu", dtype="bf16", vram="1TB")
+    squeezed = MoePackModel.load(path, device="cpu", dtype="bf16", vram=probe.budget.vram_for(3))
+    assert torch.equal(squeezed.logits(ids), got)
+
+
 def dequantised_reference(path):
     from moepack.evaluate import decoded_executor
     from moepack.runtime.model import MoeModel
@@ -211,17 +235,20 @@ def test_expert_terms_in_sparse_ffn_use_the_clamped_swiglu():
     i, h = 40, 96
     w = {p: 0.2 * torch.randn(i, h, generator=g) for p in ("gate", "up", "down")}
     projs = {p: ({"values": t}, "fp32", (i, h)) for p, t in w.items()}
-    bias = {0: (torch.randn(2, i, generator=g), torch.randn(2, i, generator=g), torch.randn(2, h, generator=g))}
-    terms = ExpertTerms("clamped_swiglu", 0.7, 1.702, bias)
+    bg, bu, bd = torch.randn(2, i, generator=g), torch.randn(2, i, generator=g), torch.randn(2, h, generator=g)
+    gu = torch.stack((bg, bu), -1).flatten(1)  # [E, 2I] interleaved, gate first, as stored
+    terms = ExpertTerms("clamped_swiglu", 0.7, 1.702, {0: (gu.bfloat16().float(), bd)})
+    bg = gu.bfloat16().float()[:, 0::2]  # the bias as a bf16 pack holds it, widened
+    bu = gu.bfloat16().float()[:, 1::2]
     x = torch.randn(5, h, generator=g)
-    gate, up = x @ w["gate"].T + bias[0][0][1], (x @ w["up"].T + bias[0][1][1]).clamp(-0.7, 0.7) + 1
+    gate, up = x @ w["gate"].T + bg[1], (x @ w["up"].T + bu[1]).clamp(-0.7, 0.7) + 1
     act = gate.clamp(max=0.7) * torch.sigmoid(1.702 * gate.clamp(max=0.7)) * up
-    want = act @ w["down"] + bias[0][2][1]
+    want = act @ w["down"] + bd[1]
     assert (expert_ffn(x, projs, Backend.TORCH, terms, (0, 1)) - want).abs().max() < 1e-5
     assert (sparse_ffn(x, projs, Backend.TORCH, 1.0, terms, (0, 1))[0] - want).abs().max() < 1e-5
     from moepack.runtime.adaptive import channel_mask
 
-    masked = (act * channel_mask(up, 0.5)) @ w["down"] + bias[0][2][1]
+    masked = (act * channel_mask(up, 0.5)) @ w["down"] + bd[1]
     y = torch.cat([sparse_ffn(x[j:j + 1], projs, Backend.TORCH, 0.5, terms, (0, 1))[0] for j in range(5)])
     assert (y - masked).abs().max() < 1e-5 and (y - want).abs().max() > 1e-3
 

@@ -174,9 +174,9 @@ class MoePackModel:
             streamer = Streamer(pack, dev, needs.slot_bytes, verify=config.verify)
         executor = StreamingExecutor(pack, cache, streamer, backend=kernel, big_little=big_little, fallback=fallback,
                                      sparse_keep=sparse_keep, partial_loads=config.partial_loads,
-                                     bypass=config.bypass, device=dev, prefetch_min_prob=config.min_prob,
-                                     terms=ExpertTerms.of(spec, dense, dtype=dtype, device=dev))
+                                     bypass=config.bypass, device=dev, prefetch_min_prob=config.min_prob)
         model = MoeModel(spec, dense, executor, dtype=dtype, device=dev, backend=kernel)
+        executor.terms = ExpertTerms.of(spec, model.w)  # expert biases: views of the model's resident tensors
         prefetcher = (FatePrefetcher(model, executor, width=config.prefetch_width)
                       if config.prefetch == "fate" else None)
         pm = cls(pack, model, executor, budget, tokenizer, context, prefetcher)

@@ -37,14 +37,16 @@ def _mm_t(h: torch.Tensor, proj, backend: Backend, rows: torch.Tensor | None = N
 @dataclass
 class ExpertTerms:
     """What a family adds around an expert's three products (GPT-OSS): per sparse layer its experts' biases,
-    gate [E, I], up [E, I] and down [E, H] in the compute dtype on the compute device, and the clamped SwiGLU
-    (limit, alpha): h = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = clamp(g, max=limit).
-    `of(spec, tensors, ...)` is None for a family with neither (plain SwiGLU, no biases)."""
+    `(gate_up [E, 2I] with gate at even and up at odd positions, down [E, H])` as the source stores them, and
+    the clamped SwiGLU (limit, alpha): h = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
+    g' = clamp(g, max=limit). `of(spec, tensors)` is None for a family with neither (plain SwiGLU, no
+    biases). The runtime builds it over the model's resident dense tensors (views, no copy: the budget counts
+    them once); each use widens an expert's bias row to the activations' dtype, which is exact."""
 
     act: str
     limit: float | None
     alpha: float
-    bias: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    bias: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
     def plain(cls) -> ExpertTerms:
@@ -52,8 +54,10 @@ class ExpertTerms:
         return cls("silu", None, 1.0, {})
 
     @classmethod
-    def of(cls, spec, tensors, *, dtype: torch.dtype = torch.float32,
-           device: str | torch.device = "cpu") -> ExpertTerms | None:
+    def of(cls, spec, tensors, *, dtype: torch.dtype | None = None,
+           device: str | torch.device | None = None) -> ExpertTerms | None:
+        """From a mapping of dense tensors by name (the model's `w`, a pack's or a checkpoint's tensors),
+        converted to `dtype` / moved to `device` only when given."""
         if spec.expert_act == "silu" and not spec.expert_bias:
             return None
         from moepack.arch import adapter_for
@@ -61,28 +65,32 @@ class ExpertTerms:
         names, bias = adapter_for(spec), {}
         for layer in spec.sparse_layer_ids if spec.expert_bias else ():
             n = names.layer_tensor_names(layer)
-            gu = tensors[n["expert_gu_bias"]].to(device=device, dtype=dtype)  # [E, 2I], gate/up interleaved
-            down = tensors[n["expert_down_bias"]].to(device=device, dtype=dtype)  # [E, H]
-            bias[layer] = (gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous(), down.contiguous())
+            bias[layer] = tuple(tensors[n[role]].to(device=device, dtype=dtype)
+                                for role in ("expert_gu_bias", "expert_down_bias"))
         return cls(spec.expert_act, spec.swiglu_limit, spec.swiglu_alpha, bias)
 
-    def _bias(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        return None if key is None else self.bias.get(key[0])  # key None: a caller without biases
+    def _row(self, key, which: int, like: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Expert key's gate (0) or up (1) bias [I] (or its `rows`), None without biases."""
+        b = None if key is None else self.bias.get(key[0])  # key None: a caller without biases
+        if b is None:
+            return None
+        row = b[0][key[1], which::2]
+        return (row if rows is None else row.index_select(0, rows)).to(like.dtype)
 
     def up_factor(self, key, u: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The up branch as it multiplies the gate branch: u + bias (clamped, + 1 for the clamped SwiGLU)."""
-        b = self._bias(key)
+        b = self._row(key, 1, u, rows)
         if b is not None:
-            u = u + (b[1][key[1]] if rows is None else b[1][key[1]].index_select(0, rows))
+            u = u + b
         if self.act == "clamped_swiglu":
             return u.clamp(-self.limit, self.limit) + 1
         return u
 
     def gate_act(self, key, g: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The gate branch: silu(g + bias), or g' * sigmoid(alpha * g') with g' = clamp(g + bias, max=limit)."""
-        b = self._bias(key)
+        b = self._row(key, 0, g, rows)
         if b is not None:
-            g = g + (b[0][key[1]] if rows is None else b[0][key[1]].index_select(0, rows))
+            g = g + b
         if self.act == "clamped_swiglu":
             g = g.clamp(max=self.limit)
             return g * torch.sigmoid(g * self.alpha)
@@ -90,8 +98,8 @@ class ExpertTerms:
 
     def out(self, key, y: torch.Tensor) -> torch.Tensor:
         """The down product plus the down bias (before the routing weight)."""
-        b = self._bias(key)
-        return y if b is None else y + b[2][key[1]]
+        b = None if key is None else self.bias.get(key[0])
+        return y if b is None else y + b[1][key[1]].to(y.dtype)
 
 
 def expert_ffn(x: torch.Tensor, projs: dict, backend: Backend = Backend.AUTO, terms: ExpertTerms | None = None,
