@@ -120,6 +120,49 @@ def test_spec_and_tensor_names_cover_the_checkpoint(source, variant):
     assert not set(names.dense_tensor_names()) & set(names.all_expert_tensor_names())
 
 
+def released_config(layers: int, experts: int) -> dict:
+    """config.json of openai/gpt-oss-20b (24 layers, 32 experts) / -120b (36, 128) as released."""
+    return {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+        "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+        "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+        "num_experts_per_tok": 4, "num_hidden_layers": layers, "num_key_value_heads": 8,
+        "num_local_experts": experts, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088,
+    }
+
+
+@pytest.mark.parametrize("layers,experts", [(24, 32), (36, 128)])
+def test_released_configs_give_the_specs_and_names_of_the_real_checkpoints(layers, experts):
+    from moepack.errors import ModelConfigError, UnsupportedModelError
+
+    spec = spec_from_config(released_config(layers, experts))
+    assert (spec.num_layers, spec.num_experts, spec.top_k, spec.expert_shape()) == (layers, experts, 4, (2880, 2880))
+    assert spec.rope.type == "yarn" and spec.rope.factor == 32 and spec.rope.truncate is False
+    assert spec.sliding_layers[:2] == (True, False) and spec.sliding_window == 128 and spec.extra["mxfp4"]
+    assert spec.eos_token_ids == (200002,) and spec.swiglu_limit == 7.0 and spec.qkv_bias and spec.o_bias
+    names = adapter_for(spec)
+    ref = names.expert_tensor_ref(5, 7, "up")
+    assert (ref.name, ref.scales, ref.index, ref.rows, ref.step) == (
+        "model.layers.5.mlp.experts.gate_up_proj_blocks", "model.layers.5.mlp.experts.gate_up_proj_scales", 7,
+        (1, 5760), 2)
+    down = names.expert_tensor_ref(5, 7, "down")
+    assert down.name.endswith("down_proj_blocks") and down.transpose
+    assert names.layer_tensor_names(0)["router"] == "model.layers.0.mlp.router.weight"
+    with pytest.raises(UnsupportedModelError, match="quantization 'gptq'"):
+        spec_from_config({**released_config(layers, experts), "quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ModelConfigError, match="layer_types"):
+        spec_from_config({**released_config(layers, experts), "layer_types": ["full_attention"]})
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_an_expert_is_read_as_its_slice_of_the_fused_tensor(source, variant, monkeypatch):
     """load_expert reads only expert e's slice (the largest read is one expert's share of gate_up), and the
