@@ -37,14 +37,15 @@ class ExpertTensorRef:
         if self.index is not None:
             t = t[self.index]
             scales = None if scales is None else scales[self.index]
+        rows = slice(*self.rows, self.step) if self.rows is not None else slice(None)
         if self.scales is not None:
             from moepack.source.mxfp4 import decode_mxfp4  # torch: imported only where tensors are
 
             if scales is None:
                 raise ValueError(f"{self.name} holds MXFP4 blocks: pass its scales tensor {self.scales!r}")
-            t = decode_mxfp4(t, scales, name=self.name)
-        if self.rows is not None:
-            t = t[self.rows[0]:self.rows[1]:self.step]
+            t = decode_mxfp4(t[rows], scales[rows], name=self.name)  # rows of blocks = rows decoded: only those
+        elif self.rows is not None:
+            t = t[rows]
         if self.cols is not None:
             t = t[:, self.cols[0]:self.cols[1]:self.cols[2]]
         return t.T if self.transpose else t

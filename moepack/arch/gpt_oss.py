@@ -81,7 +81,9 @@ class GptOssAdapter(Adapter):
 
     def expert_tensor_name(self, layer: int, expert: int, proj: str) -> str:
         """The fused tensor holding `proj` of every expert of the layer (MXFP4: its blocks)."""
-        stem = f"model.layers.{layer}.mlp.experts.{'down_proj' if self._proj_ok(proj) == 'down' else 'gate_up_proj'}"
+        if proj not in PROJS:
+            raise ValueError(f"proj must be one of {PROJS}, got {proj!r}")
+        stem = f"model.layers.{layer}.mlp.experts.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
         return f"{stem}_blocks" if self._mxfp4() else stem
 
     def expert_tensor_ref(self, layer: int, expert: int, proj: str) -> ExpertTensorRef:
@@ -98,14 +100,6 @@ class GptOssAdapter(Adapter):
         if proj == "down":
             return ExpertTensorRef(name, index=expert)
         return ExpertTensorRef(name, index=expert, cols=(first, 2 * i if i else None, 2), transpose=True)
-
-    def expert_tensor_names(self, layer: int, expert: int) -> dict[str, str]:
-        return {p: self.expert_tensor_name(layer, expert, p) for p in PROJS}
-
-    def _proj_ok(self, proj: str) -> str:
-        if proj not in PROJS:
-            raise ValueError(f"proj must be one of {PROJS}, got {proj!r}")
-        return proj
 
     def all_expert_tensor_names(self) -> list[str]:
         """Every stored tensor the experts are read from (each fused tensor once; MXFP4: blocks and scales)."""
