@@ -71,12 +71,53 @@ class CompressReport:
 
 
 def load_expert(ckpt: Checkpoint, adapter, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """An expert's three projections in moepack's channel-major orientation: each [I, H]."""
-    out = {}
+    """An expert's three projections in moepack's channel-major orientation: each [I, H]. From a fused
+    [E, ...] tensor only this expert's slice is read (once for gate and up, which share one tensor)."""
+    out, slices = {}, {}
     for proj in PROJECTIONS:
         ref = adapter.expert_tensor_ref(layer, expert, proj)  # says how to slice/transpose the stored tensor
-        out[proj] = ref.extract(ckpt.read(ref.name)).contiguous()
+        if ref.index is None:
+            out[proj] = ref.extract(ckpt.read(ref.name), ref.scales and ckpt.read(ref.scales)).contiguous()
+            continue
+        key = (ref.name, ref.index)
+        if key not in slices:
+            slices[key] = (ckpt.read(ref.name, ref.index), ref.scales and ckpt.read(ref.scales, ref.index))
+        out[proj] = ref.local().extract(*slices[key]).contiguous()
     return out
+
+
+MXFP4_BYTES_PER_WEIGHT = 4.25 / 8  # a 4-bit code per weight and one scale byte per 32
+
+
+def source_format(ckpt: Checkpoint, adapter, layer: int) -> tuple[torch.dtype, float, str]:
+    """(dtype the experts are read in, stored bytes per expert weight, source format name): an MXFP4 source
+    decodes exactly to bfloat16 (moepack.source.mxfp4) and counts its stored 4.25 bits per weight, so
+    ratios and --target-ratio are against the bytes the checkpoint really holds."""
+    ref = adapter.expert_tensor_ref(layer, 0, "gate")
+    if ref.scales is not None:
+        return torch.bfloat16, MXFP4_BYTES_PER_WEIGHT, "mxfp4"
+    dtype = ckpt.info(ref.name)[0]
+    return dtype, dtype.itemsize, str(dtype).removeprefix("torch.")
+
+
+def expert_stored_names(adapter, layers, num_experts: int) -> set[str]:
+    """Every checkpoint tensor the experts are read from (MXFP4: blocks and scales); the rest is dense."""
+    refs = [adapter.expert_tensor_ref(layer, e, p) for layer in layers for e in range(num_experts) for p in PROJECTIONS]
+    return {r.name for r in refs} | {r.scales for r in refs if r.scales}
+
+
+def reorder_expert_bias(adapter, spec, name: str, t: torch.Tensor, profile) -> torch.Tensor:
+    """A fused gate/up bias [E, 2I] (gate/up interleaved) in the channel order the profile gives each expert,
+    so it stays aligned with the reordered expert rows (GPT-OSS; other tensors pass unchanged)."""
+    for layer in spec.sparse_layer_ids:
+        if adapter.layer_tensor_names(layer).get("expert_gu_bias") == name:
+            t = t.clone()
+            pairs = t.view(spec.num_experts, spec.moe_intermediate_size, 2)
+            for e in range(spec.num_experts):
+                order = profile.experts[(layer, e)].channel_order
+                if order is not None:
+                    pairs[e] = pairs[e][order]
+    return t
 
 
 WEIGHT_ERROR = "relative weight error ||W - W^|| / ||W||"
@@ -150,25 +191,24 @@ def _compress(src: str, out: Path, *, recipe, target_ratio, plan, calib, force, 
     spec = spec_from_config(ckpt.config)
     adapter = adapter_for(spec)
     layers = list(spec.sparse_layer_ids)
-    expert_names = {adapter.expert_tensor_ref(layer, e, p).name
-                    for layer in layers for e in range(spec.num_experts) for p in PROJECTIONS}
+    expert_names = expert_stored_names(adapter, layers, spec.num_experts)
     dense_names = [n for n in ckpt.names() if n not in expert_names]
 
-    src_dtype = ckpt.info(adapter.expert_tensor_ref(layers[0], 0, "gate").name)[0]
+    src_dtype, src_itemsize, src_format = source_format(ckpt, adapter, layers[0])
     shape = spec.expert_shape()
     alloc: Allocation | None = None
     if plan is None:
         per_proj = None
         if target_ratio is not None and not uniform:
             if profile is None:
-                candidates = reachable_candidates(candidates, target_ratio, shape, src_dtype.itemsize)
+                candidates = reachable_candidates(candidates, target_ratio, shape, src_itemsize)
                 profile = _profile(src, calib, candidates, progress)
-            source_per_expert = 3 * shape[0] * shape[1] * src_dtype.itemsize
+            source_per_expert = 3 * shape[0] * shape[1] * src_itemsize
             alloc = plan_from_profile(profile, target_ratio, shape=shape, source_bytes_per_expert=source_per_expert)
             plan = alloc.plan
             chosen_by = f"profiled per-expert plan for target ratio {target_ratio:g}"
         elif target_ratio is not None:
-            name, _ = uniform_for_ratio(target_ratio, shape, src_dtype.itemsize)
+            name, _ = uniform_for_ratio(target_ratio, shape, src_itemsize)
             per_proj = {p: name for p in PROJECTIONS}
             chosen_by = f"uniform recipe for target ratio {target_ratio:g}"
         elif recipe is not None:
@@ -205,13 +245,15 @@ def _compress(src: str, out: Path, *, recipe, target_ratio, plan, calib, force, 
         report.profile_seconds, report.calibration_tokens = profile.seconds, profile.tokens
     errors: list[float] = []
     model = {"model_type": ckpt.config.get("model_type"), "family": spec.family, "config": ckpt.config}
-    source = {"id": str(src), "expert_bytes": 0, "dense_bytes": 0, "dtype": str(src_dtype).removeprefix("torch.")}
+    source = {"id": str(src), "expert_bytes": 0, "dense_bytes": 0, "dtype": src_format}
     with PackWriter(out, model=model, source=source, shard_bytes=shard_bytes, overwrite=force,
                     meta=meta) as writer:
         for name, data in sorted(ckpt.aux_files().items()):
             writer.add_file(name, data)
         for i, name in enumerate(dense_names):
             t = ckpt.read(name)
+            if profile is not None and spec.expert_bias:
+                t = reorder_expert_bias(adapter, spec, name, t, profile)
             writer.add_tensor(name, t)
             report.dense_bytes += t.numel() * t.element_size()
             if progress:
@@ -241,7 +283,7 @@ def _compress(src: str, out: Path, *, recipe, target_ratio, plan, calib, force, 
                         errs[proj] = relative_error(w, decode(parts, r, tuple(w.shape)))
                     encoded[proj] = (str(r), tuple(w.shape), parts)
                     report.recipes[str(r)] += 1
-                src_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+                src_bytes = round(sum(w.numel() for w in weights.values()) * src_itemsize)
                 rec = writer.add_expert(layer, e, encoded, source_bytes=src_bytes, errors=errs,
                                         frequency=(frequencies or {}).get((layer, e)))
                 report.source_expert_bytes += src_bytes

@@ -121,9 +121,11 @@ def _evaluate(model, path: Path, text: str, reference, context: int, max_tokens:
 
 
 def decoded_executor(pack):
-    """Every expert of `pack` decoded by the reference decoder into a DenseExpertExecutor (float32)."""
+    """Every expert of `pack` decoded by the reference decoder into a DenseExpertExecutor (float32), with
+    the family's expert biases and nonlinearity (GPT-OSS) from the pack's dense tensors."""
     from moepack.codecs import decode, parse_recipe
     from moepack.format import projection_parts
+    from moepack.runtime.expert_compute import ExpertTerms
     from moepack.runtime.model import DenseExpertExecutor
 
     weights = {}
@@ -131,7 +133,8 @@ def decoded_executor(pack):
         blob = pack.expert_blob(rec.layer, rec.expert, verify=True)
         weights[(rec.layer, rec.expert)] = {
             p: decode(projection_parts(blob, pr), parse_recipe(pr.recipe), pr.shape) for p, pr in rec.projections.items()}
-    return DenseExpertExecutor(weights)
+    dense = {t.name: pack.tensor(t.name) for t in pack.manifest.tensors} if pack.spec.expert_bias else {}
+    return DenseExpertExecutor(weights, ExpertTerms.of(pack.spec, dense))
 
 
 def _reference_model(reference: str | Path, pack_spec):

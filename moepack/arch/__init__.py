@@ -10,6 +10,7 @@ Pure Python: importing this package never imports torch or transformers."""
 from __future__ import annotations
 
 from moepack.arch.base import PROJS, Adapter, ExpertTensorRef
+from moepack.arch.gpt_oss import GptOssAdapter
 from moepack.arch.mixtral import MixtralAdapter
 from moepack.arch.olmoe import OlmoeAdapter
 from moepack.arch.qwen2_moe import Qwen2MoeAdapter
@@ -20,6 +21,7 @@ from moepack.errors import UnsupportedModelError
 ADAPTERS: dict[str, type[Adapter]] = {
     a.model_type: a for a in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter)
 }
+ADAPTERS[GptOssAdapter.model_type] = GptOssAdapter
 SUPPORTED = tuple(ADAPTERS)
 
 

@@ -1,12 +1,13 @@
 """The adapter base: tensor naming shared by the supported families (all use Llama-style attention).
 
 Names are the on-disk Hugging Face names as transformers 5.24 `save_pretrained` writes them. Every supported
-family stores experts per expert on disk (`...experts.N.<proj>.weight`), so `fused_experts` is False; a family
-that stores `[E, ...]` tensors sets it and returns refs with `index`/`rows` set (see ExpertTensorRef)."""
+family but GPT-OSS stores experts per expert on disk (`...experts.N.<proj>.weight`), so `fused_experts` is
+False; a family that stores `[E, ...]` tensors (GPT-OSS) sets it and returns refs with `index` and
+`rows`/`cols` set (see ExpertTensorRef)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from moepack.arch.spec import ModelSpec
@@ -17,20 +18,41 @@ PROJS = ("gate", "up", "down")
 @dataclass(frozen=True)
 class ExpertTensorRef:
     """How to get one expert projection in the channel-major layout [I, H] out of a stored tensor:
-    `t = stored[name]`; if `index` is not None: `t = t[index]`; if `rows` is not None: `t = t[rows[0]:rows[1]]`;
-    if `transpose`: `t = t.T`. Use `extract(t)` to apply it to a loaded tensor."""
+    `t = stored[name]`; if `index` is not None: `t = t[index]`; if `scales` is not None, `t` holds MXFP4
+    blocks [..., G, 16] and `stored[scales][index]` their e8m0 scales [..., G]: `t` becomes the decoded
+    [..., G*32] matrix (moepack.source.mxfp4); if `rows` is not None: `t = t[rows[0]:rows[1]:step]`; if
+    `cols` is not None: `t = t[:, cols[0]:cols[1]:cols[2]]`; if `transpose`: `t = t.T`. Use
+    `extract(t, scales)` to apply it to loaded tensors (`local()`: the same ref for tensors already indexed,
+    as `Checkpoint.read_ref` reads only the expert's slice of a fused [E, ...] tensor)."""
 
     name: str
     index: int | None = None
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    scales: str | None = None                  # MXFP4: the e8m0 scales tensor of the blocks in `name`
+    step: int = 1                              # row step (interleaved gate/up: 2)
+    cols: tuple[int, int, int] | None = None   # (start, stop, step) of columns
 
-    def extract(self, t: Any) -> Any:
+    def extract(self, t: Any, scales: Any = None) -> Any:
         if self.index is not None:
             t = t[self.index]
-        if self.rows is not None:
-            t = t[self.rows[0]:self.rows[1]]
+            scales = None if scales is None else scales[self.index]
+        rows = slice(*self.rows, self.step) if self.rows is not None else slice(None)
+        if self.scales is not None:
+            from moepack.source.mxfp4 import decode_mxfp4  # torch: imported only where tensors are
+
+            if scales is None:
+                raise ValueError(f"{self.name} holds MXFP4 blocks: pass its scales tensor {self.scales!r}")
+            t = decode_mxfp4(t[rows], scales[rows], name=self.name)  # rows of blocks = rows decoded: only those
+        elif self.rows is not None:
+            t = t[rows]
+        if self.cols is not None:
+            t = t[:, self.cols[0]:self.cols[1]:self.cols[2]]
         return t.T if self.transpose else t
+
+    def local(self) -> ExpertTensorRef:
+        """This ref for tensors already indexed (`stored[name][index]`)."""
+        return replace(self, index=None)
 
 
 class Adapter:

@@ -12,6 +12,9 @@ from typing import Any
 from moepack.errors import ModelConfigError, UnsupportedModelError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Routed experts' nonlinearity between up/gate and down: silu(g) * u, or GPT-OSS's
+# (clamp(u, -l, l) + 1) * g' * sigmoid(alpha * g') with g' = clamp(g, max=l)
+EXPERT_ACTS = ("silu", "clamped_swiglu")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class ModelSpec:
     router_bias: bool = False                  # router (gate) linear has a bias
     sliding_window: int | None = None          # attention window (None: full causal)
     sliding_layers: tuple[bool, ...] = ()      # per layer: whether sliding_window applies
+    attention_sinks: bool = False              # GPT-OSS: a learned per-head logit in each softmax denominator
+    expert_bias: bool = False                  # GPT-OSS: routed experts' gate/up/down carry biases (dense tensors)
+    expert_act: str = "silu"                   # "silu" (SwiGLU) or "clamped_swiglu" (GPT-OSS, see EXPERT_ACTS)
+    swiglu_limit: float | None = None          # clamped_swiglu: gate <= limit, -limit <= up <= limit
+    swiglu_alpha: float = 1.702                # clamped_swiglu: gate * sigmoid(alpha * gate)
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -109,6 +117,12 @@ class ModelSpec:
             raise ModelConfigError(f"{self.family}: clip_qkv must be a positive number, got {self.clip_qkv!r}")
         if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
             raise ModelConfigError(f"{self.family}: sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.expert_act not in EXPERT_ACTS:
+            raise ModelConfigError(f"{self.family}: expert activation {self.expert_act!r} is not one of {EXPERT_ACTS}")
+        if self.expert_act == "clamped_swiglu" and not (
+                _finite(self.swiglu_limit) and self.swiglu_limit > 0 and _finite(self.swiglu_alpha)):
+            raise ModelConfigError(f"{self.family}: swiglu_limit must be a positive number and swiglu_alpha "
+                                   f"finite, got {self.swiglu_limit!r}, {self.swiglu_alpha!r}")
         ids = ((self.bos_token_id,) if self.bos_token_id is not None else ()) + tuple(self.eos_token_ids)
         if not all(_is_int(i) and 0 <= i for i in ids):
             raise ModelConfigError(f"{self.family}: token ids must be non-negative integers, got {list(ids)[:8]}")

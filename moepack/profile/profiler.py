@@ -42,12 +42,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from moepack.codecs import decode, encode, encoded_nbytes, parse_recipe, quantize_rtn
 from moepack.errors import CodecError
 from moepack.format.constants import PROJECTIONS
 from moepack.runtime.adaptive import channel_mask, little_share
+from moepack.runtime.expert_compute import ExpertTerms
 
 ProgressFn = Callable[[str, int, int], None]
 Key = tuple[int, int]
@@ -164,14 +164,16 @@ def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
     return x[idx]
 
 
-def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor],
-                    grid: Sequence[float] = KEEP_GRID) -> tuple[tuple[float, ...], torch.Tensor]:
+def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor], grid: Sequence[float] = KEEP_GRID,
+                    terms: ExpertTerms | None = None, key: Key | None = None) -> tuple[tuple[float, ...], torch.Tensor]:
     """(FloE's selection error ||y - y_keep||^2 / ||y||^2 on x [n, H] at each keep fraction of `grid`, the
     channels [I] ordered by how often they are selected over the grid, most first): every token keeps its
-    ceil(keep * I) channels of largest |up(x)| (adaptive.select_channels' rule)."""
-    u = x @ w["up"].T  # [n, I]
-    h = F.silu(x @ w["gate"].T) * u
-    y = h @ w["down"]
+    ceil(keep * I) channels of largest |up(x)| (adaptive.select_channels' rule; with `terms`, the family's
+    biases and nonlinearity, of the largest |up factor| as the runtime's sparse_ffn)."""
+    t = terms or ExpertTerms.plain()
+    u = t.up_factor(key, x @ w["up"].T)  # [n, I]
+    h = t.gate_act(key, x @ w["gate"].T) * u
+    y = t.out(key, h @ w["down"])
     energy = float(y.double().square().sum())
     out, chosen = [], torch.zeros(u.shape[1], dtype=torch.long)
     for keep in grid:
@@ -184,7 +186,8 @@ def sparsity_errors(x: torch.Tensor, w: dict[str, torch.Tensor],
 
 def measure_errors(x: torch.Tensor, w: dict[str, torch.Tensor], candidates: Sequence[str],
                    importance: dict[str, torch.Tensor | None], *, max_channels: int | None = None,
-                   rtn: dict[str, set[str]] | None = None) -> dict[str, dict[str, float]]:
+                   rtn: dict[str, set[str]] | None = None, terms: ExpertTerms | None = None,
+                   key: Key | None = None) -> dict[str, dict[str, float]]:
     """errors[proj][recipe]: ||y - y^||^2 / ||y||^2 of the SwiGLU expert on x [n, H], only `proj` compressed.
 
     With `max_channels` < I, recipes without a low-rank residual are encoded on an evenly spaced subset S of
@@ -197,11 +200,11 @@ def measure_errors(x: torch.Tensor, w: dict[str, torch.Tensor], candidates: Sequ
     minimises a weighted weight error with an l_p, p < 1, term that lets outlier weights keep their error; on
     the trained toy model its *output* error on gate/up was 1.3-3x RTN's at 2-4 bits, so both are tried.)"""
     gate, up, down = w["gate"], w["up"], w["down"]  # each [I, H] channel-major
-    g = x @ gate.T  # [n, I]
-    u = x @ up.T
-    a = F.silu(g)
+    t = terms or ExpertTerms.plain()  # the family's biases and nonlinearity (GPT-OSS), else silu(g) * u
+    u = t.up_factor(key, x @ up.T)  # [n, I]
+    a = t.gate_act(key, x @ gate.T)
     h = a * u
-    y = h @ down  # [n, H]
+    y = t.out(key, h @ down)  # [n, H]
     y_energy = float(y.double().square().sum())
     n_ch = gate.shape[0]
     subset = None
@@ -224,17 +227,17 @@ def measure_errors(x: torch.Tensor, w: dict[str, torch.Tensor], candidates: Sequ
             for encoder, w_hat in hats:
                 if rows is None:
                     if proj == "gate":
-                        dy = ((F.silu(x @ w_hat.T) - a) * u) @ down
+                        dy = ((t.gate_act(key, x @ w_hat.T) - a) * u) @ down
                     elif proj == "up":
-                        dy = (a * (x @ w_hat.T - u)) @ down
+                        dy = (a * (t.up_factor(key, x @ w_hat.T) - u)) @ down
                     else:
                         dy = h @ (w_hat - down)
                     scale = 1.0
                 else:
                     if proj == "gate":
-                        dy = ((F.silu(x @ w_hat.T) - a[:, rows]) * u[:, rows]) @ down[rows]
+                        dy = ((t.gate_act(key, x @ w_hat.T, rows) - a[:, rows]) * u[:, rows]) @ down[rows]
                     elif proj == "up":
-                        dy = (a[:, rows] * (x @ w_hat.T - u[:, rows])) @ down[rows]
+                        dy = (a[:, rows] * (t.up_factor(key, x @ w_hat.T, rows) - u[:, rows])) @ down[rows]
                     else:
                         dy = h[:, rows] @ (w_hat - down[rows])
                     scale = n_ch / len(rows)
@@ -253,8 +256,9 @@ class ProfilingExecutor:
 
     def __init__(self, ckpt, adapter, spec, candidates: Sequence[str], *, max_rows: int = DEFAULT_MAX_ROWS,
                  max_channels: int | None = DEFAULT_MAX_CHANNELS, try_rtn: bool = True,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, terms: ExpertTerms | None = None):
         self.ckpt, self.adapter, self.spec = ckpt, adapter, spec
+        self.terms = terms or ExpertTerms.plain()  # the family's expert biases and nonlinearity
         self.try_rtn = try_rtn
         self.candidates = tuple(candidates)
         self.max_rows, self.max_channels = max_rows, max_channels
@@ -280,7 +284,7 @@ class ProfilingExecutor:
             w = {p: t.to(torch.float32) for p, t in load_expert(self.ckpt, self.adapter, layer, e).items()}
             tok, slot = (topk_ids == e).nonzero(as_tuple=True)
             xe = x[tok]  # [n, H]
-            y = (F.silu(xe @ w["gate"].T) * (xe @ w["up"].T)) @ w["down"]
+            y = self._ffn((layer, e), xe, w)
             yw = y * topk_weights[tok, slot, None].to(y.dtype)
             out.index_add_(0, tok, yw)
             lit = slot < kl
@@ -291,10 +295,11 @@ class ProfilingExecutor:
             importance = {"gate": imp, "up": imp, "down": None}
             rtn: dict[str, set[str]] | None = {} if self.try_rtn else None
             errors = measure_errors(_sample_rows(probe, self.max_rows), w, self.candidates, importance,
-                                    max_channels=self.max_channels, rtn=rtn)
-            sparsity, order = sparsity_errors(_sample_rows(probe, min(self.max_rows, SPARSITY_ROWS)), w)
+                                    max_channels=self.max_channels, rtn=rtn, terms=self.terms, key=(layer, e))
+            sparsity, order = sparsity_errors(_sample_rows(probe, min(self.max_rows, SPARSITY_ROWS)), w,
+                                              terms=self.terms, key=(layer, e))
             if fallback:  # its output on the layer's tokens, at the layer's mean squared router weight
-                yp = (F.silu(probe @ w["gate"].T) * (probe @ w["up"].T)) @ w["down"]
+                yp = self._ffn((layer, e), probe, w)
                 added = w2_mean * float(yp.double().square().sum(1).mean())
             else:
                 added = float(yw.double().square().sum(1).mean())
@@ -311,6 +316,12 @@ class ProfilingExecutor:
             scale = float(((1 - share.double()).square() * out.double().square().sum(1)).sum())
             self.drop_error[layer] = dropped / scale if scale > 0 else 0.0
         return out
+
+
+    def _ffn(self, key: Key, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The exact expert output on x [n, H] (silu(g) * u, or the family's terms)."""
+        t = self.terms
+        return t.out(key, (t.gate_act(key, x @ w["gate"].T) * t.up_factor(key, x @ w["up"].T)) @ w["down"])
 
 
 def shape_i(spec) -> int:
@@ -344,8 +355,9 @@ def profile(src: str, calib: str | None = None, *, candidates: Sequence[str] = D
     cal = load_calibration(ckpt.path, calib, seq_len=seq_len or DEFAULT_SEQ_LEN,
                            max_tokens=max_tokens or DEFAULT_MAX_TOKENS, max_position=spec.max_position_embeddings)
     dense = {name: ckpt.read(name) for name in adapter.dense_tensor_names()}
+    terms = ExpertTerms.of(spec, dense)
     executor = ProfilingExecutor(ckpt, adapter, spec, cands, max_rows=max_rows, max_channels=max_channels,
-                                 try_rtn=try_rtn, progress=progress)
+                                 try_rtn=try_rtn, progress=progress, terms=terms)
     model = MoeModel(spec, dense, executor, dtype=torch.float32)
     del dense
     if threads is None:
@@ -365,7 +377,7 @@ def profile(src: str, calib: str | None = None, *, candidates: Sequence[str] = D
             with torch.inference_mode():
                 prof.adaptive_scale, prof.tune_curve = tune_scale(
                     model, lambda la, e: {p: t.float() for p, t in load_expert(ckpt, adapter, la, e).items()},
-                    spec.num_experts, prof.adaptive_calibration(), cal.windows[:rows])
+                    spec.num_experts, prof.adaptive_calibration(), cal.windows[:rows], terms=terms)
             if progress:
                 progress("tune", 1, 1)
     finally:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from moepack.runtime.adaptive import (
     FALLBACK_ERROR,
@@ -31,6 +30,7 @@ from moepack.runtime.adaptive import (
     little_share,
     reweight,
 )
+from moepack.runtime.expert_compute import ExpertTerms
 
 TUNE_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TUNE_BELOW = 2  # halvings below the grid when its smallest scale is over the budget (a model with little slack)
@@ -49,8 +49,9 @@ class ApproximateExecutor:
     keep fractions and big-little at per-layer thresholds; with neither, exactly."""
 
     def __init__(self, load: Callable[[int, int], dict[str, torch.Tensor]], num_experts: int,
-                 keep: dict | None = None, threshold: dict | None = None):
+                 keep: dict | None = None, threshold: dict | None = None, terms: ExpertTerms | None = None):
         self.load, self.num_experts = load, num_experts
+        self.terms = terms or ExpertTerms.plain()  # the family's expert biases and nonlinearity
         self.keep, self.threshold = keep or {}, threshold or {}
 
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -65,29 +66,31 @@ class ApproximateExecutor:
                 continue
             w = {p: t.to(x.dtype) for p, t in self.load(layer, e).items()}
             xe = x[tok]
-            u = xe @ w["up"].T
-            h = F.silu(xe @ w["gate"].T) * u
+            t, key = self.terms, (layer, e)
+            u = t.up_factor(key, xe @ w["up"].T)
+            h = t.gate_act(key, xe @ w["gate"].T) * u
             keep = self.keep.get((layer, e), 1.0)
             if keep < 1.0:  # each token its own channels, as the runtime chooses them
                 h = h * channel_mask(u, keep)
-            out.index_add_(0, tok, (h @ w["down"]) * topk_weights[tok, slot, None].to(x.dtype))
+            out.index_add_(0, tok, t.out(key, h @ w["down"]) * topk_weights[tok, slot, None].to(x.dtype))
             del w  # one expert in memory at a time, as in the profiler
         return out
 
 
 def tune_scale(model, load, num_experts: int, calib: AdaptiveCalibration, windows: torch.Tensor,
                *, scales=TUNE_SCALES, budget: float = TUNE_KL,
-               refine: int = TUNE_REFINE) -> tuple[float, list[tuple[float, float]]]:
+               refine: int = TUNE_REFINE, terms: ExpertTerms | None = None) -> tuple[float, list[tuple[float, float]]]:
     """(chosen scale, [(scale, worst-case KL nats/token), ...] sorted by scale) for `model` (a MoeModel whose
-    executor is replaced here) on calibration `windows` [B, T]."""
+    executor is replaced here) on calibration `windows` [B, T]; `terms`: the family's expert biases and
+    nonlinearity (None: silu(g) * u)."""
     saved = model.executor
     try:
-        model.executor = ApproximateExecutor(load, num_experts)
+        model.executor = ApproximateExecutor(load, num_experts, terms=terms)
         ref = torch.log_softmax(model.forward(windows).float(), -1)
 
         def worst_kl(s: float) -> float:
             model.executor = ApproximateExecutor(load, num_experts, calib.keep(s * SPARSE_ERROR),
-                                                 calib.share_threshold(s * FALLBACK_ERROR))
+                                                 calib.share_threshold(s * FALLBACK_ERROR), terms)
             logp = torch.log_softmax(model.forward(windows).float(), -1)
             return float((ref.exp() * (ref - logp)).sum(-1).mean())
 

@@ -25,6 +25,7 @@ from moepack.runtime.cache import ExpertCache, Policy
 from moepack.runtime.config import RunConfig
 from moepack.runtime.engine import Engine
 from moepack.runtime.executor import StreamingExecutor
+from moepack.runtime.expert_compute import ExpertTerms
 from moepack.runtime.model import KVCache, MoeModel
 from moepack.runtime.prefetch import FatePrefetcher
 from moepack.runtime.routing_trace import profiled_popularity
@@ -175,6 +176,7 @@ class MoePackModel:
                                      sparse_keep=sparse_keep, partial_loads=config.partial_loads,
                                      bypass=config.bypass, device=dev, prefetch_min_prob=config.min_prob)
         model = MoeModel(spec, dense, executor, dtype=dtype, device=dev, backend=kernel)
+        executor.terms = ExpertTerms.of(spec, model.w)  # expert biases: views of the model's resident tensors
         prefetcher = (FatePrefetcher(model, executor, width=config.prefetch_width)
                       if config.prefetch == "fate" else None)
         pm = cls(pack, model, executor, budget, tokenizer, context, prefetcher)

@@ -44,7 +44,7 @@ from moepack.format import Pack
 from moepack.kernels import Backend
 from moepack.runtime.adaptive import big_little_mask, little_share, reweight
 from moepack.runtime.cache import ExpertCache
-from moepack.runtime.expert_compute import expert_ffn, partial_ffn, sparse_ffn
+from moepack.runtime.expert_compute import ExpertTerms, expert_ffn, partial_ffn, sparse_ffn
 from moepack.runtime.fused_decode import experts_one_token, experts_op
 from moepack.runtime.loader import AsyncLoader
 from moepack.runtime.prepared import Projection, expert_projections
@@ -70,10 +70,12 @@ class StreamingExecutor:
                  fallback: float | dict[int, float] | None = FALLBACK_SHARE,
                  sparse_keep: float | dict[Key, float] | None = None, partial_loads: bool = False,
                  bypass: bool = False, device: torch.device | None = None,
-                 prefetch_min_prob: float = PREFETCH_MIN_PROB):
+                 prefetch_min_prob: float = PREFETCH_MIN_PROB, terms: ExpertTerms | None = None):
         """With `cache=None` every expert is used in place from the mapped pack (CPU, no budget).
         `big_little` and `fallback` are one threshold or one per layer, `sparse_keep` one keep fraction or
-        one per expert (`auto`, runtime/adaptive.py); a keep of 1.0 runs that expert dense."""
+        one per expert (`auto`, runtime/adaptive.py); a keep of 1.0 runs that expert dense. `terms`: the
+        family's expert biases and nonlinearity (GPT-OSS, `ExpertTerms.of`), None for plain SwiGLU."""
+        self.terms = terms
         self.pack, self.cache, self.streamer, self.backend = pack, cache, streamer, Backend.parse(backend)
         self.records = pack.expert_records
         self.num_experts = pack.spec.num_experts
@@ -304,8 +306,8 @@ class StreamingExecutor:
             if self.sparse_keep is not None:  # counted as all rows, so the kept share covers every expert
                 counts["rows_kept"] += projs["gate"].rows * x.shape[0]
                 counts["rows_total"] += projs["gate"].rows * x.shape[0]
-            return expert_ffn(x, projs, self.backend)
-        y, n = sparse_ffn(x, projs, self.backend, keep)
+            return expert_ffn(x, projs, self.backend, self.terms, key)
+        y, n = sparse_ffn(x, projs, self.backend, keep, self.terms, key)
         counts["rows_kept"] += n * x.shape[0]
         counts["rows_total"] += projs["gate"].rows * x.shape[0]
         return y
@@ -318,7 +320,8 @@ class StreamingExecutor:
         verify = self.streamer.verify if self.streamer else True
         if self.partial_loads and self.keep_for(key) is not None:
             blob = self.pack.expert_blob(*key, verify=verify)
-            y, moved = partial_ffn(x, blob, rec, self.keep_for(key), self.backend, self.stats.counts)
+            y, moved = partial_ffn(x, blob, rec, self.keep_for(key), self.backend, self.stats.counts,
+                                   self.terms, key)
             self.pack.release(*key)
             self.cache.stats.moved(moved)
             return y
@@ -398,7 +401,7 @@ class StreamingExecutor:
         one = x.shape[0] == 1  # one token: every expert reads x itself, no gather or scatter
         if one:
             weight = dict(zip(flat.tolist(), topk_weights[0].tolist(), strict=True))
-            if self.mix_op is not None and experts and not deferred:  # runtime/fused_decode.py
+            if self.mix_op is not None and experts and not deferred and self.terms is None:  # fused_decode.py
                 y = experts_one_token(self, layer, x, order, views, weight)
                 if y is not None:
                     return y

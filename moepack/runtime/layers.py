@@ -145,6 +145,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2).reshape(b, t, nh * d)
 
 
+def attend_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                 sinks: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention whose softmax denominator also holds a learned logit per head (GPT-OSS's
+    attention sinks; the sink has no value, so a head may attend to nothing). q [B, nh, T, d], k/v
+    [B, nkv, S, d], sinks [nh] -> [B, T, nh*d]. Written out (SDPA has no sink term), as transformers'
+    eager attention computes it: scores, the sink column, max subtracted, softmax, the sink dropped."""
+    b, nh, t, d = q.shape
+    rep = nh // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, nh, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, nh, 1, 1).expand(b, nh, t, 1)
+    logits = torch.cat((scores, sink), dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    out = probs.to(v.dtype) @ v  # [B, nh, T, d]
+    return out.transpose(1, 2).reshape(b, t, nh * d)
+
+
 # --- KV cache ------------------------------------------------------------------------------------
 class KVCache:
     """Keys and values of every layer, preallocated for `capacity` tokens (grows by doubling if exceeded).

@@ -28,11 +28,13 @@ import torch.nn.functional as F
 
 from moepack.arch import PROJS, ModelSpec, adapter_for, spec_from_config
 from moepack.kernels import Backend, resolve_backend
+from moepack.runtime.expert_compute import ExpertTerms
 from moepack.runtime.fused_decode import fused_decoder
 from moepack.runtime.layers import (
     KVCache,
     apply_rope,
     attend,
+    attend_sinks,
     attention_mask,
     rms_norm,
     rope_cos_sin,
@@ -58,8 +60,9 @@ class DenseExpertExecutor:
     """Routed experts as plain dense weights in the channel-major layout (the parity reference).
     `weights[(layer, expert)] = {"gate": [I,H], "up": [I,H], "down": [I,H] (= w2.T)}`."""
 
-    def __init__(self, weights: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]):
-        self.weights = weights
+    def __init__(self, weights: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+                 terms: ExpertTerms | None = None):
+        self.weights, self.terms = weights, terms  # terms: the family's expert biases and nonlinearity
 
     @classmethod
     def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], *,
@@ -70,19 +73,23 @@ class DenseExpertExecutor:
         for layer in spec.sparse_layer_ids:
             for e in range(spec.num_experts):
                 weights[(layer, e)] = {
-                    p: (r := names.expert_tensor_ref(layer, e, p)).extract(tensors[r.name])
+                    p: (r := names.expert_tensor_ref(layer, e, p)).extract(tensors[r.name], tensors.get(r.scales))
                     .to(device=device, dtype=dtype).contiguous()
                     for p in PROJS
                 }
-        return cls(weights)
+        return cls(weights, ExpertTerms.of(spec, tensors, dtype=dtype, device=device))
 
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in topk_ids.unique().tolist():
             tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-            w = self.weights[(layer, e)]
-            y = swiglu(x[tok], w["gate"], w["up"], w["down"])  # [n, H]
+            w, xs = self.weights[(layer, e)], x[tok]
+            if self.terms is None:
+                y = swiglu(xs, w["gate"], w["up"], w["down"])  # [n, H]
+            else:
+                h = self.terms.gate_act((layer, e), xs @ w["gate"].T) * self.terms.up_factor((layer, e), xs @ w["up"].T)
+                y = self.terms.out((layer, e), h @ w["down"])
             out.index_add_(0, tok, y * topk_weights[tok, slot, None].to(y.dtype))
         return out
 
@@ -249,6 +256,9 @@ class MoeModel:
         """(logits [N,E], topk_ids [N,k], topk_weights [N,k]): softmax over all experts in float32, top-k,
         renormalised to sum 1 when the family does (Mixtral always, Qwen/OLMoE when norm_topk_prob)."""
         logits = self.router_logits(layer, x)
+        if self.spec.router_scoring == "topk_softmax":  # GPT-OSS: top-k of the logits, softmax over those
+            top, ids = torch.topk(logits.float(), self.spec.top_k, dim=-1)
+            return logits, ids, torch.softmax(top, dim=-1).to(x.dtype)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
         if self.spec.norm_topk_prob:
@@ -285,7 +295,10 @@ class MoeModel:
                 ks, vs = seg.cache.update(layer, ks, vs)
             mask = attention_mask(seg.start, seg.t, ks.shape[2], window, x.device)
             t0 = perf_counter()
-            o = attend(qs, ks, vs, mask, self.scale)  # [b, t, nh*d]
+            if spec.attention_sinks:  # GPT-OSS: a per-head logit in the softmax denominator
+                o = attend_sinks(qs, ks, vs, mask, self.scale, w[n["sinks"]])
+            else:
+                o = attend(qs, ks, vs, mask, self.scale)  # [b, t, nh*d]
             CLOCK.s += perf_counter() - t0
             outs.append(o.view(seg.tokens, -1))
         return self.ops[layer]["o"](outs[0] if len(outs) == 1 else torch.cat(outs))

@@ -58,7 +58,7 @@ def load_for_throughput(path, *, vram: str | int | None, batches: int, batch_siz
                                         fallback=old.fallback, sparse_keep=old.sparse_keep,
                                         partial_loads=config.partial_loads, bypass=config.bypass,
                                         device=pm.model.device,
-                                        prefetch_min_prob=old.prefetch_min_prob)
+                                        prefetch_min_prob=old.prefetch_min_prob, terms=old.terms)
         pm.model.executor = pm.executor
         if pm.prefetcher is not None:
             pm.prefetcher.executor = pm.executor

@@ -52,8 +52,20 @@ class Checkpoint:
         """(dtype, shape, nbytes) without reading data."""
         return self._file(name).info(name)
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._file(name).read(name)
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A tensor by name, or with `index` its slice along the first axis only (see SafetensorsFile.read)."""
+        return self._file(name).read(name, index)
+
+    def read_ref(self, ref) -> torch.Tensor:
+        """One expert projection [I, H] from an `ExpertTensorRef`: for a fused [E, ...] tensor only the
+        expert's slice is read (and its MXFP4 scales' slice), so memory stays at one expert per projection."""
+        scales = None if ref.scales is None else self.read(ref.scales, ref.index)
+        return ref.local().extract(self.read(ref.name, ref.index), scales)
+
+    @property
+    def largest_read(self) -> int:
+        """Bytes of the largest single tensor read so far, over every file."""
+        return max((f.largest_read for f in self.files), default=0)
 
     def _file(self, name: str) -> SafetensorsFile:
         try:

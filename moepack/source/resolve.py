@@ -25,9 +25,12 @@ ALIASES = {
     "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B",
     "qwen2-57b-a14b": "Qwen/Qwen2-57B-A14B",
     "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+_HUB_IGNORE = ["original/*", "metal/*"]  # gpt-oss: the same weights again in OpenAI's own and Metal formats
 
 
 def pack_store() -> Path:
@@ -79,7 +82,8 @@ def resolve_source(src: str) -> Path:
     try:
         # the environment is read here, not at huggingface-hub's import, so a changed HF_HUB_CACHE applies
         cache_dir = os.environ.get("HF_HUB_CACHE") or None
-        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=offline, cache_dir=cache_dir))
+        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE,
+                                      local_files_only=offline, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise SourceError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached "
                           f"(offline mode: {offline}); download it once with network access") from None

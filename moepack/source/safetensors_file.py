@@ -37,6 +37,7 @@ class SafetensorsFile:
         except (OSError, ValueError) as exc:
             raise SourceError(f"cannot read safetensors header: {exc}", path=self.path) from None
         self.data_start = 8 + n
+        self.largest_read = 0  # bytes of the largest single read so far (tests check bounded reading)
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         size = self.path.stat().st_size
@@ -56,9 +57,18 @@ class SafetensorsFile:
                               f"(supported: {', '.join(DTYPES)})", path=self.path)
         return DTYPES[dtype], shape, end - begin
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor, or with `index` only its slice t[index] along the first axis (one positioned read of
+        that slice's bytes: an expert of a fused [E, ...] tensor without reading the others)."""
         dtype, shape, nbytes = self.info(name)
         _, _, begin, _ = self.entries[name]
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise SourceError(f"tensor {name!r} of shape {list(shape)} has no slice {index}", path=self.path)
+            nbytes //= shape[0]
+            begin += index * nbytes
+            shape = shape[1:]
+        self.largest_read = max(self.largest_read, nbytes)
         out = torch.empty(nbytes, dtype=torch.uint8)
         with open(self.path, "rb", buffering=0) as fh:
             fh.seek(self.data_start + begin)
