@@ -10,6 +10,7 @@ Pure Python: importing this package never imports torch or transformers."""
 from __future__ import annotations
 
 from moepack.arch.base import PROJS, Adapter, ExpertTensorRef
+from moepack.arch.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
 from moepack.arch.mixtral import MixtralAdapter
 from moepack.arch.olmoe import OlmoeAdapter
 from moepack.arch.qwen2_moe import Qwen2MoeAdapter
@@ -18,7 +19,8 @@ from moepack.arch.spec import ROPE_TYPES, ModelSpec, RopeSpec
 from moepack.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    a.model_type: a for a in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter)
+    a.model_type: a for a in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter,
+                              DeepseekV2Adapter, DeepseekV3Adapter)
 }
 SUPPORTED = tuple(ADAPTERS)
 

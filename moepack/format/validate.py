@@ -307,6 +307,9 @@ def dense_shapes(spec, adapter) -> dict[str, tuple[int, ...]]:
         "shared_gate": (shared, h), "shared_up": (shared, h), "shared_down": (h, shared),
         "shared_expert_gate": (1, h), "mlp_gate": (dense, h), "mlp_up": (dense, h), "mlp_down": (h, dense),
     }
+    from moepack.arch.deepseek import mla_shapes
+
+    by_role.update(mla_shapes(spec))  # MLA's projections (none for other families)
     shapes = {name: by_role[role] for role, name in adapter.global_tensor_names().items() if role in by_role}
     for layer in range(spec.num_layers):
         for role, name in adapter.layer_tensor_names(layer).items():
