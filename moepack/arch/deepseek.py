@@ -59,6 +59,8 @@ class DeepseekV2Adapter(Adapter):
         first_dense = _int(config, "first_k_dense_replace", name, 0, limit=1 << 12)
         rope = _int(config, "qk_rope_head_dim", name, limit=1 << 16)
         q_rank = config.get("q_lora_rank")
+        if _int(config, "kv_lora_rank", name) < 1:
+            raise ModelConfigError(f"{name}: kv_lora_rank must be a positive integer (latent attention)")
         fields = dict(
             f,
             head_dim=rope,
