@@ -38,8 +38,8 @@ class MemoryNeeds:
     def of(cls, pack, *, device: torch.device, dtype: torch.dtype, backend="auto",
            streams_misses: bool = False) -> MemoryNeeds:
         """From the manifest alone (no tensor is read)."""
-        from moepack.format.constants import DTYPES
         from moepack.arch import adapter_for
+        from moepack.format.constants import DTYPES
         from moepack.runtime.mla import cache_class
         from moepack.runtime.model import storage_dtype, widens_on
 

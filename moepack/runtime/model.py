@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from moepack.arch import PROJS, ModelSpec, adapter_for, spec_from_config
 from moepack.kernels import Backend, resolve_backend
+from moepack.runtime.group_routing import grouped_topk
 from moepack.runtime.layers import (
     KVCache,
     apply_rope,
@@ -39,7 +40,6 @@ from moepack.runtime.layers import (
     rope_inv_freq,
     signed_sin,
 )
-from moepack.runtime.group_routing import grouped_topk
 from moepack.runtime.mla import MlaAttention, cache_class
 from moepack.runtime.prepared import CLOCK, Dense
 
