@@ -97,6 +97,29 @@ def test_lossy_pack_matches_dequantised_reference(packs, family, recipe):
     assert rel < 1e-4, rel
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_compute_is_as_close_as_transformers_bf16(baby, packs, family):
+    """--dtype bfloat16 (activations, latent cache and kv_b in bf16): no further from the float32 logits than
+    1.5x transformers' own bf16 run; a squeezed budget gives the same numbers; the budget counts kv_b in bf16."""
+    path = packs(family)
+    exact = MoePackModel.load(path, device="cpu")
+    ids = exact.encode(PROMPT * 3)
+    want = exact.logits(ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(baby(family, dtype="bfloat16"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        hf_bf16 = hf.eval()(torch.tensor([ids])).logits[0].float()
+    probe = MoePackModel.load(path, device="cpu", dtype="bf16", vram="1TB")
+    got = probe.logits(ids)
+
+    def dist(a):
+        return ((a - want).norm() / want.norm()).item()
+
+    assert 0 < dist(got) <= 1.5 * dist(hf_bf16)
+    assert probe.budget.dense_bytes == probe.model.dense_bytes
+    squeezed = MoePackModel.load(path, device="cpu", dtype="bf16", vram=probe.budget.vram_for(3))
+    assert torch.equal(squeezed.logits(ids), got)
+
+
 def test_budget_counts_the_latent_cache(packs):
     path = packs("deepseek_v3")
     model = MoePackModel.load(path, device="cpu", vram="1TB", context=96)
