@@ -253,7 +253,8 @@ class MoeModel:
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [N,E], topk_ids [N,k], topk_weights [N,k]): softmax over all experts in float32, top-k,
-        renormalised to sum 1 when the family does (Mixtral always, Qwen/OLMoE when norm_topk_prob)."""
+        renormalised to sum 1 when the family does (Mixtral always, Qwen/OLMoE when norm_topk_prob); DeepSeek's
+        grouped softmax / sigmoid routers in group_routing.py."""
         logits = self.router_logits(layer, x)
         if self.spec.group_scoring is not None or self.spec.router_scoring == "sigmoid" \
                 or self.spec.routed_scaling_factor != 1.0:  # DeepSeek's routers (runtime/group_routing.py)

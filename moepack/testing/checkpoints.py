@@ -76,9 +76,11 @@ _DEEPSEEK: dict[str, Any] = dict(
 _YARN: dict[str, Any] = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
                              beta_fast=32.0, beta_slow=1.0)
 
+
 def baby_config(family: str, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments of the transformers config class for a tiny model of `family`.
-    hidden 128 (so group-128 quantisation works along hidden), 3 layers, 8 experts, top-2, I = 128."""
+    hidden 128 (so group-128 quantisation works along hidden), 3 layers, 8 experts, top-2, I = 128 (DeepSeek:
+    I = 96 and odd latent-attention widths)."""
     common: dict[str, Any] = dict(
         vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
