@@ -10,6 +10,7 @@ Pure Python: importing this package never imports torch or transformers."""
 from __future__ import annotations
 
 from moepack.arch.base import PROJS, Adapter, ExpertTensorRef
+from moepack.arch.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
 from moepack.arch.gpt_oss import GptOssAdapter
 from moepack.arch.mixtral import MixtralAdapter
 from moepack.arch.olmoe import OlmoeAdapter
@@ -19,9 +20,9 @@ from moepack.arch.spec import ROPE_TYPES, ModelSpec, RopeSpec
 from moepack.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    a.model_type: a for a in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter)
+    a.model_type: a for a in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter,
+                              DeepseekV2Adapter, DeepseekV3Adapter, GptOssAdapter)
 }
-ADAPTERS[GptOssAdapter.model_type] = GptOssAdapter
 SUPPORTED = tuple(ADAPTERS)
 
 

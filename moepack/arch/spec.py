@@ -64,7 +64,7 @@ class ModelSpec:
     shared_expert_gate: bool = False           # shared expert output scaled by sigmoid(x @ gate.T)
     sparse_layers: tuple[bool, ...] = ()       # per layer: MoE block (True) or dense MLP (False)
     dense_intermediate_size: int | None = None # intermediate size of the dense MLP layers
-    router_scoring: str = "softmax"            # softmax over all experts, then top-k
+    router_scoring: str = "softmax"            # softmax over all experts, then top-k; "sigmoid" (DeepSeek-V3)
     router_bias: bool = False                  # router (gate) linear has a bias
     sliding_window: int | None = None          # attention window (None: full causal)
     sliding_layers: tuple[bool, ...] = ()      # per layer: whether sliding_window applies
@@ -73,6 +73,19 @@ class ModelSpec:
     expert_act: str = "silu"                   # "silu" (SwiGLU) or "clamped_swiglu" (GPT-OSS, see EXPERT_ACTS)
     swiglu_limit: float | None = None          # clamped_swiglu: gate <= limit, -limit <= up <= limit
     swiglu_alpha: float = 1.702                # clamped_swiglu: gate * sigmoid(alpha * gate)
+    # DeepSeek-V2/V3: multi-head latent attention (MLA) and grouped routing (arch/deepseek.py); kv_lora_rank
+    # 0 means ordinary attention. Under MLA head_dim is qk_rope_head_dim and num_kv_heads is num_heads.
+    kv_lora_rank: int = 0                      # width of the compressed KV latent (what the cache stores)
+    q_lora_rank: int | None = None             # None: one q projection; else q_a -> RMSNorm -> q_b
+    qk_nope_head_dim: int = 0                  # per-head query/key width without rotary
+    qk_rope_head_dim: int = 0                  # rotary width; one rotary key shared by every head
+    v_head_dim: int = 0                        # per-head value width
+    rope_interleave: bool = False              # rotary over interleaved pairs (x0, x1), (x2, x3), ...
+    n_group: int = 1                           # experts in n_group groups; topk_group are eligible per token
+    topk_group: int = 1
+    group_scoring: str | None = None           # None, "max" (V2 group_limited_greedy), "top2" (V3: best two)
+    routed_scaling_factor: float = 1.0         # routed experts' weights multiplied by this
+    score_correction_bias: bool = False        # V3: a per-expert bias added to the scores for selection only
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -123,9 +136,35 @@ class ModelSpec:
                 _finite(self.swiglu_limit) and self.swiglu_limit > 0 and _finite(self.swiglu_alpha)):
             raise ModelConfigError(f"{self.family}: swiglu_limit must be a positive number and swiglu_alpha "
                                    f"finite, got {self.swiglu_limit!r}, {self.swiglu_alpha!r}")
+        if self.kv_lora_rank or self.group_scoring is not None:
+            self._check_deepseek()
         ids = ((self.bos_token_id,) if self.bos_token_id is not None else ()) + tuple(self.eos_token_ids)
         if not all(_is_int(i) and 0 <= i for i in ids):
             raise ModelConfigError(f"{self.family}: token ids must be non-negative integers, got {list(ids)[:8]}")
+
+    def _check_deepseek(self) -> None:
+        """MLA widths and grouped routing (ModelConfigError), for a spec read from config.json or a manifest."""
+        mla = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if self.kv_lora_rank else ()
+        for name in (*mla, "n_group", "topk_group"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ModelConfigError(f"{self.family}: {name} must be a positive integer, got {value!r:.40}")
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank < 1):
+            raise ModelConfigError(f"{self.family}: q_lora_rank must be null or a positive integer, "
+                                   f"got {self.q_lora_rank!r:.40}")
+        if self.kv_lora_rank and (self.qk_rope_head_dim % 2 or self.head_dim != self.qk_rope_head_dim):
+            raise ModelConfigError(f"{self.family}: qk_rope_head_dim {self.qk_rope_head_dim} must be even and "
+                                   f"equal head_dim ({self.head_dim})")
+        if self.num_experts % self.n_group or self.topk_group > self.n_group:
+            raise ModelConfigError(f"{self.family}: {self.num_experts} experts do not split into n_group "
+                                   f"{self.n_group} groups with topk_group {self.topk_group} of them")
+        if self.group_scoring not in (None, "max", "top2"):
+            raise ModelConfigError(f"{self.family}: unknown group scoring {self.group_scoring!r}")
+        if self.group_scoring == "top2" and self.num_experts // self.n_group < 2:
+            raise ModelConfigError(f"{self.family}: group scoring by the best two needs >= 2 experts per group")
+        if not _finite(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
+            raise ModelConfigError(f"{self.family}: routed_scaling_factor must be a positive number, "
+                                   f"got {self.routed_scaling_factor!r:.40}")
 
     # --- derived ---------------------------------------------------------------------------------
     @property

@@ -309,6 +309,9 @@ def dense_shapes(spec, adapter) -> dict[str, tuple[int, ...]]:
     }
     by_role.update(sinks=(spec.num_heads,), expert_gu_bias=(e, 2 * spec.moe_intermediate_size),
                    expert_down_bias=(e, h))  # GPT-OSS
+    from moepack.arch.deepseek import mla_shapes
+
+    by_role.update(mla_shapes(spec))  # MLA's projections (none for other families)
     shapes = {name: by_role[role] for role, name in adapter.global_tensor_names().items() if role in by_role}
     for layer in range(spec.num_layers):
         for role, name in adapter.layer_tensor_names(layer).items():

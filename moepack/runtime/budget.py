@@ -27,7 +27,7 @@ class MemoryNeeds:
     """What a pack needs on the device, part by part, for one device and compute dtype."""
 
     dense_bytes: int  # resident dense weights, as the model holds them
-    kv_bytes_per_token: int  # one sequence's KV cache per token
+    kv_bytes_per_token: int  # one sequence's KV cache per token (under MLA: the latent and the rotary key)
     workspace_bytes: int  # one prefill chunk's activations
     transit_bytes: int  # CUDA: the one slot that misses skipping the cache stream through
     slot_bytes: int  # one expert slot (the largest expert)
@@ -38,15 +38,20 @@ class MemoryNeeds:
     def of(cls, pack, *, device: torch.device, dtype: torch.dtype, backend="auto",
            streams_misses: bool = False) -> MemoryNeeds:
         """From the manifest alone (no tensor is read)."""
+        from moepack.arch import adapter_for
         from moepack.format.constants import DTYPES
-        from moepack.runtime.model import KVCache, storage_dtype, widens_on
+        from moepack.runtime.mla import cache_class
+        from moepack.runtime.model import storage_dtype, widens_on
 
         spec, device = pack.spec, torch.device(device)
         widen = widens_on(device, dtype, backend)
-        dense = sum(math.prod(t.shape) * storage_dtype(DTYPES[t.dtype], len(t.shape), dtype, widen).itemsize
+        # MLA holds kv_b_proj in the compute dtype (its per-head absorbed products): counted as a vector would be
+        wide = {n["kv_b"] for n in map(adapter_for(spec).layer_tensor_names, range(spec.num_layers)) if "kv_b" in n}
+        dense = sum(math.prod(t.shape) * storage_dtype(DTYPES[t.dtype], 1 if t.name in wide else len(t.shape),
+                                                       dtype, widen).itemsize
                     for t in pack.manifest.tensors)  # as MoeModel holds them
         slot = max(e.nbytes for e in pack.manifest.experts)
-        return cls(dense_bytes=dense, kv_bytes_per_token=KVCache.bytes_per_token(spec, dtype),
+        return cls(dense_bytes=dense, kv_bytes_per_token=cache_class(spec).bytes_per_token(spec, dtype),
                    workspace_bytes=workspace_bytes(spec, dtype),
                    transit_bytes=slot if streams_misses and device.type == "cuda" else 0,
                    slot_bytes=slot, total_experts=len(pack.manifest.experts), min_slots=spec.top_k)

@@ -1,4 +1,5 @@
-"""The lean forward of every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+"""The lean forward of every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3: its
+latent attention is runtime/mla.py).
 
 The model owns the dense weights (embedding, norms, attention, routers, shared experts, dense MLP layers,
 lm_head) and hands the routed experts of each sparse layer to an expert executor:
@@ -30,6 +31,7 @@ from moepack.arch import PROJS, ModelSpec, adapter_for, spec_from_config
 from moepack.kernels import Backend, resolve_backend
 from moepack.runtime.expert_compute import ExpertTerms
 from moepack.runtime.fused_decode import fused_decoder
+from moepack.runtime.group_routing import grouped_topk
 from moepack.runtime.layers import (
     KVCache,
     apply_rope,
@@ -41,6 +43,7 @@ from moepack.runtime.layers import (
     rope_inv_freq,
     signed_sin,
 )
+from moepack.runtime.mla import MlaAttention, cache_class
 from moepack.runtime.prepared import CLOCK, Dense
 
 __all__ = ["DenseExpertExecutor", "KVCache", "MoeModel", "Segment", "storage_dtype", "widens_on"]
@@ -156,7 +159,8 @@ class MoeModel:
         self.w: dict[str, torch.Tensor] = {}
         self._fused: dict[str, torch.Tensor] = {}
         self.layers = [self.names.layer_tensor_names(i) for i in range(spec.num_layers)]
-        fused = {("q", "k", "v"): "qkv", ("mlp_gate", "mlp_up"): "mlp_gu", ("shared_gate", "shared_up"): "shared_gu"}
+        fused = {("q", "k", "v"): "qkv", ("mlp_gate", "mlp_up"): "mlp_gu", ("shared_gate", "shared_up"): "shared_gu",
+                 ("q_a", "kv_a"): "q_kv_a", ("mla_q", "kv_a"): "q_kv_a"}  # MLA: [q | latent + rope key]
         for n in self.layers:  # matrices applied to the same input are stored side by side, as views of one
             for roles in fused:
                 if roles[0] in n:
@@ -178,11 +182,14 @@ class MoeModel:
                     b = torch.cat([self.w[x] for x in bias]) if all(bias) else None
                     ops[op] = self.dense(self._joined([n[r] for r in roles]), b)
             ops["o"] = self.dense(self.w[n["o"]], self.w.get(n.get("o_bias", "")))
-            for role in ("router", "mlp_down", "shared_down", "shared_expert_gate"):
+            for role in ("router", "mlp_down", "shared_down", "shared_expert_gate", "q_b"):
                 if role in n:
                     ops[role] = self.dense(self.w[n[role]], self.w.get(n.get(f"{role}_bias", "")))
             self.ops.append(ops)
         self.scale = spec.head_dim ** -0.5
+        self.mla = MlaAttention(self) if spec.kv_lora_rank else None  # DeepSeek's latent attention
+        self.score_bias = [tensors[n["router_score_bias"]].float().to(self.device) if "router_score_bias" in n
+                           else None for n in self.layers]  # V3's selection bias, float32 as transformers keeps it
         self.head_norms = [torch.cat((self.w[n["q_norm"]].expand(spec.num_heads, -1),
                                       self.w[n["k_norm"]].expand(spec.num_kv_heads, -1)))
                            if spec.qk_norm == "head" else None for n in self.layers]  # [nh + nkv, d]
@@ -245,7 +252,8 @@ class MoeModel:
         return self.embed[ids.to(self.device)].to(self.dtype)
 
     def new_cache(self, capacity: int = 256, batch: int = 1) -> KVCache:
-        return KVCache(self.spec, capacity=capacity, batch=batch, dtype=self.dtype, device=self.device)
+        return cache_class(self.spec)(self.spec, capacity=capacity, batch=batch, dtype=self.dtype,
+                                      device=self.device)
 
     # --- router --------------------------------------------------------------------------------------
     def router_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -254,11 +262,16 @@ class MoeModel:
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [N,E], topk_ids [N,k], topk_weights [N,k]): softmax over all experts in float32, top-k,
-        renormalised to sum 1 when the family does (Mixtral always, Qwen/OLMoE when norm_topk_prob)."""
+        renormalised to sum 1 when the family does (Mixtral always, Qwen/OLMoE when norm_topk_prob); DeepSeek's
+        grouped softmax / sigmoid routers in group_routing.py."""
         logits = self.router_logits(layer, x)
         if self.spec.router_scoring == "topk_softmax":  # GPT-OSS: top-k of the logits, softmax over those
             top, ids = torch.topk(logits.float(), self.spec.top_k, dim=-1)
             return logits, ids, torch.softmax(top, dim=-1).to(x.dtype)
+        if self.spec.group_scoring is not None or self.spec.router_scoring == "sigmoid" \
+                or self.spec.routed_scaling_factor != 1.0:  # DeepSeek's routers (runtime/group_routing.py)
+            ids, weights = grouped_topk(logits, self.spec, self.score_bias[layer])
+            return logits, ids, weights.to(x.dtype)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
         if self.spec.norm_topk_prob:
@@ -269,6 +282,8 @@ class MoeModel:
     def attention(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, ...],
                   segments: list[Segment]) -> torch.Tensor:
         """x [N, H] (normed) -> attention output [N, H]; rope = (cos, sin, signed sin) [N, 1, r] per row."""
+        if self.mla is not None:
+            return self.mla.forward(layer, x, rope, segments)
         spec, w, n = self.spec, self.w, self.layers[layer]
         nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         qkv = self.ops[layer]["qkv"](x)  # [N, (nh + 2 nkv) d]
@@ -317,9 +332,12 @@ class MoeModel:
         return out
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Qwen2-MoE's gated shared expert of a sparse layer, x [N, H] -> [N, H]."""
+        """The shared expert of a sparse layer, x [N, H] -> [N, H]: gated by sigmoid(x . gate) in Qwen2-MoE,
+        ungated in DeepSeek."""
         ops = self.ops[layer]
         shared = ops["shared_down"](_silu_mul(ops["shared_gu"](x)))
+        if "shared_expert_gate" not in ops:
+            return shared
         return torch.sigmoid(ops["shared_expert_gate"](x)) * shared
 
     def _rope(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

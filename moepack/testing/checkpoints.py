@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-BABY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+BABY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -70,9 +70,17 @@ def make_tokenizer_json(path: str | Path, *, vocab_size: int = 512) -> Path:
 
 
 # --- baby checkpoints (transformers) -----------------------------------------------------------------
+_DEEPSEEK: dict[str, Any] = dict(
+    intermediate_size=160, moe_intermediate_size=96, n_routed_experts=8, num_key_value_heads=4, kv_lora_rank=48,
+    qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=20, first_k_dense_replace=1, n_group=4, topk_group=2)
+_YARN: dict[str, Any] = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                             beta_fast=32.0, beta_slow=1.0)
+
+
 def baby_config(family: str, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments of the transformers config class for a tiny model of `family`.
-    hidden 128 (so group-128 quantisation works along hidden), 3 layers, 8 experts, top-2, I = 128."""
+    hidden 128 (so group-128 quantisation works along hidden), 3 layers, 8 experts, top-2, I = 128 (DeepSeek:
+    I = 96 and odd latent-attention widths)."""
     common: dict[str, Any] = dict(
         vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -88,6 +96,13 @@ def baby_config(family: str, **overrides: Any) -> dict[str, Any]:
         "qwen3_moe": dict(intermediate_size=256, moe_intermediate_size=128, num_experts=8, head_dim=32,
                           norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1),
         "olmoe": dict(intermediate_size=128, num_experts=8, norm_topk_prob=False, clip_qkv=None),
+        # MLA at odd widths, layer 0 dense, two shared experts, 4 groups of 2 experts with 2 groups eligible,
+        # YaRN with mscale (as V2-Lite and V3 ship); V2 without q_lora_rank (as V2-Lite), V3 with it
+        "deepseek_v2": dict(_DEEPSEEK, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
+                            routed_scaling_factor=1.5, rope_parameters=dict(_YARN, mscale=0.707,
+                                                                            mscale_all_dim=0.707)),
+        "deepseek_v3": dict(_DEEPSEEK, q_lora_rank=40, n_shared_experts=1, routed_scaling_factor=2.5,
+                            norm_topk_prob=True, rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=0.8)),
     }
     if family not in per_family:
         from moepack.errors import UnsupportedModelError
@@ -101,6 +116,7 @@ def _config_class(family: str):
     return {
         "mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
         "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
+        "deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config,
     }[family]
 
 
@@ -117,6 +133,9 @@ def _randomise(model: torch.nn.Module, seed: int, std: float) -> None:
                 p.copy_(0.1 * noise)
             else:
                 p.copy_(std * noise)
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias: a buffer, not a weight
+                b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float32))
 
 
 def make_baby_checkpoint(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32",
