@@ -1,5 +1,5 @@
-"""The lean forward of every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3: its
-latent attention is runtime/mla.py).
+"""The lean forward of every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
+GPT-OSS; DeepSeek's latent attention is runtime/mla.py).
 
 The model owns the dense weights (embedding, norms, attention, routers, shared experts, dense MLP layers,
 lm_head) and hands the routed experts of each sparse layer to an expert executor:
