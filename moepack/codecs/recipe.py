@@ -95,22 +95,33 @@ class Recipe:
         return tuple(ids)
 
     def stored_cols(self, cols: int) -> int:
-        """Columns of the matrix the base codec sees (cols*N/M after N:M compaction)."""
-        return cols * self.n // self.m if self.sparse else cols
+        """Columns of the matrix the base codec sees: the kept values per row after N:M compaction
+        (N per block of M, and ceil(N*L/M) of a short last block of L columns), else cols."""
+        if not self.sparse:
+            return cols
+        from moepack.codecs.sparse import kept_count
+
+        return kept_count(self.n, self.m, cols)
+
+    def groups(self, cols: int) -> int:
+        """Quantisation groups per row, the last one ragged when G does not divide the stored columns."""
+        return -(-self.stored_cols(cols) // self.group)
 
     def validate_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """Return (rows, cols) or raise CodecError naming the constraint the shape breaks."""
+        """Return (rows, cols) or raise CodecError naming the constraint the shape breaks. Any row length
+        is accepted (format version 2: ragged last group, short last N:M block)."""
         if len(shape) != 2 or any(not isinstance(d, int) or d <= 0 for d in shape):
             raise CodecError(f"recipe {self}: expected a 2-D shape of positive ints, got {tuple(shape)}")
         rows, cols = shape
-        if self.sparse and cols % self.m:
-            raise CodecError(f"recipe {self}: M={self.m} must divide cols={cols}")
-        if self.quantized and self.stored_cols(cols) % self.group:
-            what = f"compacted cols {self.stored_cols(cols)} (= {cols}*{self.n}/{self.m})" if self.sparse else f"cols={cols}"
-            raise CodecError(f"recipe {self}: group {self.group} must divide {what}")
         if self.rank > min(rows, cols):
             raise CodecError(f"recipe {self}: rank {self.rank} exceeds min(rows, cols) = {min(rows, cols)}")
         return rows, cols
+
+    def divides(self, cols: int) -> bool:
+        """True when the shape needs no ragged group or short block (all a version-1 pack may hold)."""
+        if self.sparse and cols % self.m:
+            return False
+        return not self.quantized or self.stored_cols(cols) % self.group == 0
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         """Stored bits per original weight, all parts included."""

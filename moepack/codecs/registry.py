@@ -51,18 +51,18 @@ def get_codec(codec_id: str) -> Codec:
 
 
 def _nm_encode(w: torch.Tensor, r: Recipe, importance: torch.Tensor | None):
-    pos = sparse.nm_select(w, r.n, r.m, importance)  # [rows, nb, N]
-    kept = sparse.nm_compact(w, pos, r.m)  # [rows, cols*N/M]
+    pos = sparse.nm_select(w, r.n, r.m, importance)  # [rows, K] column indices
+    kept = sparse.nm_compact(w, pos)  # [rows, K]
     kept_imp = None
     if importance is not None:  # the base now sees a different column subset in every row
         full = importance.float().expand(w.shape[0], -1).contiguous()
-        kept_imp = sparse.nm_compact(full, pos, r.m)
+        kept_imp = sparse.nm_compact(full, pos)
     return {"nm_index": sparse.nm_encode_index(pos, r.m)}, kept, kept_imp
 
 
 def _nm_decode(parts, r: Recipe, rows: int, cols: int, kept: torch.Tensor) -> torch.Tensor:
     pos = sparse.nm_positions(parts["nm_index"], r.n, r.m, cols)
-    return sparse.nm_scatter(kept, pos, r.m, cols)
+    return sparse.nm_scatter(kept, pos, cols)
 
 
 register(Codec(

@@ -2,7 +2,7 @@
 
 Both extensions register the same op signatures `qmatmul`, `qmatmul_t`, `qdequant` (namespaces
 `moepack_cpu` and `moepack_cuda`) for group-quantised matrices (q2/q3/q4, any group that is a multiple of
-32). Up to FUSED_MAX_T tokens run the fused kernels; more tokens amortise a dequantisation well, so
+32, rows of any length: a ragged last group is read as stored, never padded into a copy). Up to FUSED_MAX_T tokens run the fused kernels; more tokens amortise a dequantisation well, so
 those dequantise a block of rows at a time and use the BLAS matmul (prefill).
 
 On the CPU the library picks the best code path the processor has when it loads (avx512_vnni, avx512,

@@ -262,12 +262,15 @@ inline void q8_pack(uint8_t* dst, const __m256i* v) {
 // Fills a (its buffers sized by the glue): per token and block of 32 values d = amax / 127 and
 // xq = round(x / d) (the residual round((x / d - xq) * 128) as a second plane when a.plane != 0), the
 // codes' order within each chunk, each lane's block scale (d, or d / 128 with two planes) and group,
-// and c_g = sum over the group of the dequantised activations. scratch: 2 * cols bytes.
+// and c_g = sum over the group of the dequantised activations. A row whose length is not a multiple of
+// 32 is handled as cols32 = cols rounded up to 32: x is zero past cols (the glue pads it), so those
+// activations quantise to 0 and add nothing. scratch: 2 * cols32 bytes.
 void k_q8_prepare(const moepack_cpu::QMat& m, const float* x, int64_t ldx, int64_t T, moepack_cpu::Q8X& a,
                   int8_t* q, float* d, float* c, int32_t* gidx, int32_t* gfirst, uint8_t* scratch) {
   const int K = 8 / m.bits;
   const int64_t cc = a.chunk_codes, lanes = a.lanes, lc = 32 / m.bits, vec = cc / K;
-  const int64_t xs = a.chunks * cc, ds = a.chunks * lanes, blocks = m.cols / 32;
+  const int64_t cols32 = (m.cols + 31) & ~(int64_t)31;
+  const int64_t xs = a.chunks * cc, ds = a.chunks * lanes, blocks = cols32 / 32;
   const bool two = a.plane != 0;
   int64_t g = 0, gnext = m.group;  // group of each lane, by counting (no division per lane)
   for (int64_t ch = 0; ch < a.chunks; ++ch) {
@@ -288,7 +291,7 @@ void k_q8_prepare(const moepack_cpu::QMat& m, const float* x, int64_t ldx, int64
     }
   }
   uint8_t* hi = scratch;
-  uint8_t* lo = scratch + m.cols;
+  uint8_t* lo = scratch + cols32;
   const __m256 sign = _mm256_set1_ps(-0.0f), k128 = _mm256_set1_ps(128.0f);
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
@@ -323,12 +326,12 @@ void k_q8_prepare(const moepack_cpu::QMat& m, const float* x, int64_t ldx, int64
       const int64_t first = 32 * b / lc, count = 32 / lc;  // the lanes of this block (lanes run across chunks)
       for (int64_t l = first; l < first + count; ++l) dt[l] = scale;
     }
-    const int64_t full = m.cols / cc;
+    const int64_t full = cols32 / cc;
     for (int p = 0; p < (two ? 2 : 1); ++p) {
       const uint8_t* src = p ? lo : hi;
       int8_t* dst = qt + p * a.plane;
       for (int64_t ch = 0; ch < a.chunks; ++ch) {
-        const int64_t n = ch < full ? cc : m.cols - ch * cc;
+        const int64_t n = ch < full ? cc : cols32 - ch * cc;
         int8_t* o = dst + ch * cc;
         const uint8_t* in = src + ch * cc;
         if (n < cc)

@@ -11,6 +11,13 @@
 // use the same kernels, a block of 32 weights widened to fp32 on the fly (exact). Both formats are a
 // `Rows` type with one method, blocks(r, g0, g1, f), calling f(col, w[4]) for each 32-column block of
 // row r in units [g0, g1) (a unit is a quantisation group, or 32 columns of a 16-bit row).
+//
+// Ragged rows (format version 2): a quantised row of any length has ceil(cols/G) groups and
+// ceil(cols*b/8) bytes, so its last group may hold fewer than G codes and its last block fewer than 32.
+// That block is decoded from a zero-filled copy (nothing past the row is read) and handed on whole:
+// its weights past `cols` are finite ((0 - zero) * scale), so callers pad x with zeros to cols32 =
+// cols rounded up to 32 (the glue does), size their buffers to whole units, and store no more than
+// `cols` values (dequant_rows).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -206,6 +213,8 @@ struct QuantRows {
   explicit QuantRows(const moepack_cpu::QMat& m)
       : codes(m.codes), scale(m.scale), zero(m.zero), row_bytes(m.row_bytes), groups(m.groups), group(m.group),
         cols(m.cols) {}
+  // columns of unit g that blocks() visits: G, or for a ragged last group its length rounded up to 32
+  inline int64_t unit_width(int64_t g) const { return imin(group, ((cols + 31) & ~(int64_t)31) - g * group); }
   template <class F>
   inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
     const uint8_t* c = codes + r * row_bytes;
@@ -213,9 +222,19 @@ struct QuantRows {
     const uint16_t* ze = zero + r * groups;
     for (int64_t g = g0; g < g1; ++g) {
       const Group<B> grp(half_to_float(sc[g]), half_to_float(ze[g]));
-      for (int64_t col = g * group; col < (g + 1) * group; col += 32) {
+      const int64_t end = imin((g + 1) * group, cols);
+      int64_t col = g * group;
+      for (; col + 32 <= end; col += 32) {
         V8 w[4];
         grp.decode(c + col * B / 8, w);
+        f(col, w);
+      }
+      if (col < end) {  // the row's last, partial block: decoded from a zero-filled copy of its bytes
+        uint8_t buf[4 * B];
+        memset(buf, 0, sizeof(buf));
+        memcpy(buf, c + col * B / 8, (size_t)(row_bytes - col * B / 8));
+        V8 w[4];
+        grp.decode(buf, w);
         f(col, w);
       }
     }
@@ -228,6 +247,7 @@ struct WideRows {
   int64_t ld, groups, cols;
   static constexpr int64_t group = 32, kMaxUnit = 32;
   explicit WideRows(const moepack_cpu::WMat& m) : data(m.data), ld(m.ld), groups(m.groups), cols(m.cols) {}
+  inline int64_t unit_width(int64_t) const { return 32; }
   template <class F>
   inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
     const uint16_t* p = data + r * ld;
@@ -313,9 +333,10 @@ inline void matmul_t_rows(const M& m, const float* h, int64_t T, const int64_t* 
         for (int j = 0; j < 4; ++j) w[r][k + j] = b[j];
       });
     }
+    const int64_t kend = m.unit_width(g) / 8;  // a ragged last group fills only part of w
     for (int64_t t = 0; t < T; ++t) {
       float* a = acc + t * ldacc + (g * m.group - c0);
-      for (int64_t k = 0; k < m.group / 8; ++k) {
+      for (int64_t k = 0; k < kend; ++k) {
         V8 s = v_load(a + 8 * k);
 #pragma GCC unroll 4
         for (int r = 0; r < NR; ++r) s = v_fma(w[r][k], hv[r][t], s);
@@ -361,8 +382,14 @@ void dequant_rows(const M& m, const int64_t* rows, int64_t i0, int64_t i1, Out* 
   for (int64_t i = i0; i < i1; ++i) {
     Out* o = out + i * m.cols;
     m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
+      if (col + 32 <= m.cols) {
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) store_out(o + col + 8 * j, w[j]);
+        for (int j = 0; j < 4; ++j) store_out(o + col + 8 * j, w[j]);
+        return;
+      }
+      Out tmp[32];  // the row's partial last block: only its first cols - col values are stored
+      for (int j = 0; j < 4; ++j) store_out(tmp + 8 * j, w[j]);
+      for (int64_t j = 0; j < m.cols - col; ++j) o[col + j] = tmp[j];
     });
   }
 }

@@ -122,8 +122,8 @@ void mt_any_512(const moepack_cpu::QMat& m, const float* h, int64_t nt, const in
   }
 }
 
-void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
-                      int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
+void mt_whole_groups(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
+                     int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
   if (m.bits == 4)
     mt_any_512<4>(m, h, nt, rows, n, g0, g1, acc, ldacc);
   else if (m.bits == 2 && m.group % 64 == 0)
@@ -222,8 +222,8 @@ void mt_any_256(const moepack_cpu::QMat& m, const float* h, int64_t nt, const in
   }
 }
 
-void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
-                      int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
+void mt_whole_groups(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
+                     int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
   const int64_t passes_t = nt < 4 ? nt : 4;
   if ((m.bits == 4 || m.bits == 2) && (g1 - g0) * passes_t <= 256)
     m.bits == 4 ? mt_any_256<4>(m, h, nt, rows, n, g0, g1, acc, ldacc)
@@ -232,5 +232,14 @@ void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, co
     k_qmatmul_t(m, h, nt, rows, n, g0, g1, acc, ldacc);
 }
 #endif
+
+// The vector kernels above read whole groups of codes; a ragged last group (cols % group != 0) goes
+// through the LUT kernel, which decodes the row's partial last block from a copy.
+void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
+                      int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
+  const int64_t whole = m.cols / m.group, gm = g1 < whole ? g1 : (g0 > whole ? g0 : whole);
+  if (gm > g0) mt_whole_groups(m, h, nt, rows, n, g0, gm, acc, ldacc);
+  if (g1 > gm) k_qmatmul_t(m, h, nt, rows, n, gm, g1, acc + (gm - g0) * m.group, ldacc);
+}
 
 }  // namespace

@@ -10,8 +10,10 @@
 
 namespace moepack_cpu {
 
-// A group-quantised matrix: codes uint8 [rows, row_bytes] (little-endian bitstream of `bits`-bit codes),
-// scale and zero fp16 [rows, groups]; w = (q - zero) * scale.
+// A group-quantised matrix: codes uint8 [rows, row_bytes] (little-endian bitstream of `bits`-bit codes,
+// row_bytes = ceil(cols * bits / 8)), scale and zero fp16 [rows, groups] with groups = ceil(cols / group)
+// (any cols: the last group may be ragged); w = (q - zero) * scale. The activations x handed to qmatmul,
+// q8_prepare and q8_matmul have ldx >= cols rounded up to 32, zero past cols (the glue pads them).
 struct QMat {
   const uint8_t* codes;
   const uint16_t* scale;

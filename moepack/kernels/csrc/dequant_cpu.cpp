@@ -1,8 +1,10 @@
 // Fused dequantise-and-multiply for moepack group quantisation (q2/q3/q4, groups of a multiple of 32) and
 // bf16/fp16 passthrough on the CPU: the ATen glue, thread partitioning and run-time ISA dispatch.
 //
-// Payload (docs/architecture.md, "Codecs"): codes uint8 [rows, cols*b/8] (a little-endian bitstream per
-// row), scale fp16 [rows, cols/G], zero fp16 [rows, cols/G]; w = (q - zero) * scale, computed in fp32.
+// Payload (docs/format.md, "Codecs"): codes uint8 [rows, ceil(cols*b/8)] (a little-endian bitstream per
+// row), scale fp16 [rows, ceil(cols/G)], zero fp16 [rows, ceil(cols/G)]; w = (q - zero) * scale, computed
+// in fp32. Any cols: the last group may be ragged (format version 2); x is then padded with zeros to a
+// multiple of 32 columns for the products (cpu_table.h).
 //
 // The kernels are compiled once per instruction set (isa_*.cpp: generic, avx2, avx512, avx512_vnni) and
 // the best table the CPU supports is chosen when the library loads (__builtin_cpu_supports), so one build
@@ -118,7 +120,7 @@ QMat check_quant(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
                  int64_t group, int64_t cols) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "moepack_cpu: bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(group > 0 && group % 32 == 0, "moepack_cpu: group must be a positive multiple of 32, got ", group);
-  TORCH_CHECK(cols > 0 && cols % group == 0, "moepack_cpu: cols (", cols, ") must be a multiple of group ", group);
+  TORCH_CHECK(cols > 0, "moepack_cpu: cols must be positive, got ", cols);
   TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu() && zero.device().is_cpu(),
               "moepack_cpu: tensors must be on the CPU");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
@@ -126,14 +128,13 @@ QMat check_quant(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
   TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.is_contiguous() &&
                   zero.is_contiguous(),
               "moepack_cpu: scale and zero must be contiguous float16");
-  const int64_t rows = codes.size(0), groups = cols / group;
-  TORCH_CHECK(codes.size(1) == cols * bits / 8, "moepack_cpu: codes has ", codes.size(1), " bytes per row, expected ",
-              cols * bits / 8);
+  const int64_t rows = codes.size(0), groups = (cols + group - 1) / group, row_bytes = (cols * bits + 7) / 8;
+  TORCH_CHECK(codes.size(1) == row_bytes, "moepack_cpu: codes has ", codes.size(1), " bytes per row, expected ",
+              row_bytes);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == groups && zero.sizes() == scale.sizes(),
               "moepack_cpu: scale and zero must be [", rows, ", ", groups, "]");
   return QMat{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
-              reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()), cols * bits / 8, groups, group, cols,
-              (int)bits};
+              reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()), row_bytes, groups, group, cols, (int)bits};
 }
 
 WMat check_wide(const at::Tensor& w) {
@@ -173,13 +174,14 @@ struct Q8Buffers {
 
 void q8_prepare(const Table& tb, const QMat& m, int planes, const float* x, int64_t ldx, int64_t T, Q8Buffers& b) {
   const int64_t chunk_codes = (int64_t)tb.q8_vec * (8 / m.bits), lanes = tb.q8_vec / 4;
-  const int64_t chunks = (m.cols + chunk_codes - 1) / chunk_codes, xs = chunks * chunk_codes;
+  const int64_t cols32 = (m.cols + 31) / 32 * 32;
+  const int64_t chunks = (cols32 + chunk_codes - 1) / chunk_codes, xs = chunks * chunk_codes;
   b.q.resize(planes * T * xs);
   b.d.resize(T * chunks * lanes);
   b.c.resize(T * m.groups);
   b.gidx.resize(chunks * lanes);
   b.gfirst.resize(chunks);
-  b.scratch.resize(2 * m.cols);
+  b.scratch.resize(2 * cols32);
   b.view = Q8X{b.q.data(), b.d.data(), b.c.data(), b.gidx.data(), b.gfirst.data(), chunks, chunk_codes, lanes,
                planes == 2 ? T * xs : 0};
   tb.q8_prepare(m, x, ldx, T, b.view, b.q.data(), b.d.data(), b.c.data(), b.gidx.data(), b.gfirst.data(),
@@ -221,11 +223,22 @@ at::Tensor check_x(const at::Tensor& x, int64_t cols, const char* op) {
   return x.contiguous();
 }
 
+// x [T, cols] contiguous, or zero-padded to a multiple of 32 columns when cols is not one (the kernels
+// read whole blocks of 32 activations; cpu_table.h). Returns the row stride.
+at::Tensor padded_x(const at::Tensor& xc, int64_t cols, int64_t* ldx) {
+  *ldx = (cols + 31) / 32 * 32;
+  if (*ldx == cols) return xc;
+  at::Tensor p = at::zeros({xc.size(0), *ldx}, xc.options());
+  p.narrow(1, 0, cols).copy_(xc);
+  return p;
+}
+
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2, "moepack_cpu.qmatmul: x must be a float32 CPU matrix [T, cols]");
   const QMat m = check_quant(codes, scale, zero, bits, group, x.size(1));
-  const at::Tensor xc = check_x(x, m.cols, "qmatmul");
+  int64_t ldx;
+  const at::Tensor xc = padded_x(check_x(x, m.cols, "qmatmul"), m.cols, &ldx);
   int64_t n;
   const int64_t* r = check_rows(rows, codes.size(0), &n);
   const int64_t T = xc.size(0);
@@ -237,7 +250,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int planes = g_q8.load(std::memory_order_relaxed);
   if (tb.q8_matmul != nullptr && bits != 3 && planes > 0) {
     Q8Buffers b;
-    q8_prepare(tb, m, planes, xp, m.cols, T, b);
+    q8_prepare(tb, m, planes, xp, ldx, T, b);
     const int64_t xs = b.view.chunks * b.view.chunk_codes, ds = b.view.chunks * b.view.lanes;
     for_token_blocks(T, [&](int64_t t0, int nt) {
       Q8X v = b.view;
@@ -253,7 +266,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   }
   for_token_blocks(T, [&](int64_t t0, int nt) {
     parallel_rows(n, [&](int64_t i0, int64_t i1) {
-      tb.qmatmul(m, xp + t0 * m.cols, m.cols, nt, r, i0, i1, op + t0 * n, n);
+      tb.qmatmul(m, xp + t0 * ldx, ldx, nt, r, i0, i1, op + t0 * n, n);
     });
   });
   return out;
@@ -305,7 +318,7 @@ at::Tensor rows_matmul_t(const M& m, int64_t unit, const at::Tensor& h, int64_t 
       std::vector<float> buf(nt * ldacc);
       for (int64_t k = begin; k < end; ++k) {
         const int64_t g0 = k * tile_units, g1 = std::min(units, g0 + tile_units);
-        const int64_t c0 = g0 * unit, width = (g1 - g0) * unit;
+        const int64_t c0 = g0 * unit, width = std::min(g1 * unit, m.cols) - c0;  // a ragged last unit
         std::fill(buf.begin(), buf.end(), 0.0f);
         tile(hp, nt, r, n, g0, g1, buf.data(), ldacc);
         for (int64_t tt = 0; tt < nt; ++tt) std::memcpy(o + tt * m.cols + c0, buf.data() + tt * ldacc, width * sizeof(float));

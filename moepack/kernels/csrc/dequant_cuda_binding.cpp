@@ -9,9 +9,9 @@
 
 #include <cstdint>
 
-extern "C" int moepack_cuda_qmatmul(const float* x, int T, int cols, const uint8_t* codes, const void* scale,
-                                    const void* zero, const int64_t* rows, int n, int bits, int group, float* out,
-                                    cudaStream_t stream);
+extern "C" int moepack_cuda_qmatmul(const float* x, int T, int ldx, int cols, const uint8_t* codes,
+                                    const void* scale, const void* zero, const int64_t* rows, int n, int bits,
+                                    int group, float* out, cudaStream_t stream);
 extern "C" int moepack_cuda_qmatmul_t(const float* h, int T, int n, const uint8_t* codes, const void* scale,
                                       const void* zero, const int64_t* rows, int cols, int bits, int group,
                                       float* out, cudaStream_t stream);
@@ -32,12 +32,12 @@ void check_matrix(const at::Tensor& codes, const at::Tensor& scale, const at::Te
                   int64_t group, int64_t cols, const at::Device& device) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "moepack_cuda: bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(group > 0 && group % 32 == 0, "moepack_cuda: group must be a positive multiple of 32, got ", group);
-  TORCH_CHECK(cols > 0 && cols % group == 0, "moepack_cuda: cols (", cols, ") must be a multiple of group ", group);
+  TORCH_CHECK(cols > 0, "moepack_cuda: cols must be positive, got ", cols);  // any cols: a ragged last group
   TORCH_CHECK(codes.device() == device && scale.device() == device && zero.device() == device,
               "moepack_cuda: all tensors must be on ", device);
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.size(1) == cols * bits / 8,
-              "moepack_cuda: codes must be uint8 [rows, ", cols * bits / 8, "]");
-  const int64_t groups = cols / group;
+  const int64_t row_bytes = (cols * bits + 7) / 8, groups = (cols + group - 1) / group;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.size(1) == row_bytes,
+              "moepack_cuda: codes must be uint8 [rows, ", row_bytes, "]");
   TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.dim() == 2 &&
                   scale.size(0) == codes.size(0) && scale.size(1) == groups && zero.sizes() == scale.sizes(),
               "moepack_cuda: scale and zero must be float16 [", codes.size(0), ", ", groups, "]");
@@ -69,11 +69,18 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   at::Tensor keep;
   int64_t n;
   const int64_t* r = rows_ptr(rows, codes, &keep, &n);
-  const at::Tensor xc = x.contiguous(), c = aligned(codes), s = scale.contiguous(), z = zero.contiguous();
+  const int64_t cols = x.size(1), ldx = (cols + 31) / 32 * 32;
+  at::Tensor xc = x.contiguous();
+  if (ldx != cols) {  // a ragged row: the kernel reads whole blocks of 32 activations, zero past cols
+    at::Tensor p = at::zeros({x.size(0), ldx}, x.options());
+    p.narrow(1, 0, cols).copy_(xc);
+    xc = p;
+  }
+  const at::Tensor c = aligned(codes), s = scale.contiguous(), z = zero.contiguous();
   at::Tensor out = at::empty({x.size(0), n}, x.options());
-  check_status(moepack_cuda_qmatmul(xc.data_ptr<float>(), (int)xc.size(0), (int)xc.size(1), c.data_ptr<uint8_t>(),
-                                    s.data_ptr(), z.data_ptr(), r, (int)n, (int)bits, (int)group,
-                                    out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+  check_status(moepack_cuda_qmatmul(xc.data_ptr<float>(), (int)xc.size(0), (int)ldx, (int)cols,
+                                    c.data_ptr<uint8_t>(), s.data_ptr(), z.data_ptr(), r, (int)n, (int)bits,
+                                    (int)group, out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
                "qmatmul");
   return out;
 }
