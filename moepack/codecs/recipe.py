@@ -1,4 +1,6 @@
-"""Recipe strings: `[N:M+]base[+rR]` where base is `q{bits}g{group}` or a dtype (`bf16`/`fp16`/`fp32`).
+"""Recipe strings: `[N:M+]base[+rR]` where base is `q{bits}g{group}`, `q{bits}g{group}d` (the same codes with
+double-quantised metadata: 8-bit scale and zero codes per group under per-row fp16 factors) or a dtype
+(`bf16`/`fp16`/`fp32`).
 
 The Recipe is the parsed, validated, frozen form; `str(recipe)` is the canonical string the manifest
 stores, and `parse_recipe(str(r)) == r` always holds.
@@ -22,7 +24,7 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 MAX_M = 16  # N:M block size limit: indices stay <= 4 bits
 
 _NM = re.compile(r"^(\d+):(\d+)$")
-_Q = re.compile(r"^q(\d+)g(\d+)$")
+_Q = re.compile(r"^q(\d+)g(\d+)(d?)$")
 _R = re.compile(r"^r(\d+)$")
 
 
@@ -52,6 +54,7 @@ class Recipe:
     n: int | None = None  # N:M sparsity, keep n of every m
     m: int | None = None
     rank: int = 0  # low-rank residual rank, 0 = none
+    dq: bool = False  # double-quantised group metadata (`q{b}g{G}d`, codec `gqd`)
 
     def __post_init__(self) -> None:
         if (self.bits is None) != (self.group is None):
@@ -68,6 +71,8 @@ class Recipe:
             raise CodecError("N:M sparsity needs both N and M")
         if self.m is not None and not (2 <= self.m <= MAX_M and 1 <= self.n < self.m):
             raise CodecError(f"N:M sparsity needs 2 <= M <= {MAX_M} and 1 <= N < M, got {self.n}:{self.m}")
+        if self.dq and self.bits is None:
+            raise CodecError("double-quantised metadata (`d`) needs a q{bits}g{group} base")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise CodecError(f"low-rank rank must be a non-negative integer, got {self.rank!r}")
 
@@ -89,7 +94,7 @@ class Recipe:
     def codec_ids(self) -> tuple[str, ...]:
         """Registry ids of the stages, in payload order (what the manifest may store)."""
         ids = ["nm"] if self.sparse else []
-        ids.append("gq" if self.quantized else "raw")
+        ids.append(("gqd" if self.dq else "gq") if self.quantized else "raw")
         if self.rank:
             ids.append("lr")
         return tuple(ids)
@@ -132,7 +137,7 @@ class Recipe:
 
     def __str__(self) -> str:
         parts = [f"{self.n}:{self.m}"] if self.sparse else []
-        parts.append(f"q{self.bits}g{self.group}" if self.quantized else str(self.dtype))
+        parts.append(f"q{self.bits}g{self.group}{'d' if self.dq else ''}" if self.quantized else str(self.dtype))
         if self.rank:
             parts.append(f"r{self.rank}")
         return "+".join(parts)
@@ -153,12 +158,12 @@ def parse_recipe(s: str) -> Recipe:
     if i >= len(comps):
         raise CodecError(f"recipe {s!r}: missing base (q{{bits}}g{{group}} or bf16/fp16/fp32)")
     if mt := _Q.match(comps[i]):
-        kw["bits"], kw["group"] = int(mt.group(1)), int(mt.group(2))
+        kw["bits"], kw["group"], kw["dq"] = int(mt.group(1)), int(mt.group(2)), mt.group(3) == "d"
     elif comps[i] in DTYPES:
         kw["dtype"] = comps[i]
     else:
         raise CodecError(
-            f"recipe {s!r}: component {comps[i]!r} is not a base; expected q{{bits}}g{{group}} "
+            f"recipe {s!r}: component {comps[i]!r} is not a base; expected q{{bits}}g{{group}}[d] "
             f"(bits {BITS}, group {GROUPS}) or one of {tuple(DTYPES)}, after an optional N:M"
         )
     i += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moepack.codecs import lowrank, passthrough, quant, sparse
+from moepack.codecs import lowrank, passthrough, quant, quantdq, sparse
 from moepack.codecs.recipe import Recipe
 from moepack.errors import CodecError
 
@@ -76,6 +76,12 @@ register(Codec(
     specs=lambda r, rows, cols: quant.quant_part_specs(r.bits, r.group, rows, cols),
     encode=lambda w, r, imp: quant.quantize(w, r.bits, r.group, importance=imp),
     decode=lambda parts, r, rows, cols: quant.dequantize(parts, r.bits, r.group, (rows, cols)),
+))
+register(Codec(
+    "gqd", "base", "group-wise INT2/3/4 as gq, scale and zero as 8-bit codes under per-row fp16 factors",
+    specs=lambda r, rows, cols: quantdq.dq_part_specs(r.bits, r.group, rows, cols),
+    encode=lambda w, r, imp: quantdq.quantize_dq(w, r.bits, r.group, importance=imp),
+    decode=lambda parts, r, rows, cols: quantdq.dequantize_dq(parts, r.bits, r.group, (rows, cols)),
 ))
 register(Codec(
     "nm", "wrap", "N:M structured sparsity with packed in-block indices",

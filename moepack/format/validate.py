@@ -240,9 +240,10 @@ def _check_parts(where: str, rec, blob_nbytes: int, path: Path, version: int) ->
         recipe = codecs.as_recipe(rec.recipe)
     except Exception as exc:  # a recipe this moepack cannot decode
         raise ManifestError(f"{where}: recipe {rec.recipe!r} cannot be read: {exc}", path=path) from None
-    if version < 2 and not recipe.divides(rec.shape[1]):
-        raise ManifestError(f"{where}: recipe {rec.recipe!r} on {rec.shape[1]} columns needs a ragged group or a "
-                            f"short N:M block, which format version {version} cannot hold", path=path)
+    if version < 2 and (recipe.dq or not recipe.divides(rec.shape[1])):
+        raise ManifestError(f"{where}: recipe {rec.recipe!r} on {rec.shape[1]} columns needs a ragged group, a "
+                            f"short N:M block or double-quantised metadata, which format version {version} cannot "
+                            "hold", path=path)
     got = [(p.name, p.dtype, tuple(p.shape)) for p in rec.parts]
     want = [(s.name, DTYPE_NAMES[s.dtype], tuple(s.shape)) for s in specs]
     if got != want:

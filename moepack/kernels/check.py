@@ -19,7 +19,7 @@ import torch
 
 Q8_SQNR_DB = {1: 35.0, 2: 70.0}  # by the number of int8 planes
 EXACT_SQNR_DB = 100.0
-CHECK_RECIPES = ("q4g128", "q4g32", "q3g64", "q2g64", "bf16", "fp16")
+CHECK_RECIPES = ("q4g128", "q4g32", "q3g64", "q2g64", "q4g128d", "q2g64d", "bf16", "fp16")
 CHECK_WIDTHS = (384, 200)  # whole groups; a ragged last group and a partial block of 32
 
 

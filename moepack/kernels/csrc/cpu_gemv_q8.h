@@ -43,15 +43,28 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
                          // restarts at every 4 KiB page
   float* sf[R];
   __m512 acc[R][NT][2];
+  float zsum[R][NT];  // the zero-point term of double-quantised metadata (summed per group, scalar)
   for (int r = 0; r < R; ++r) {
     const int64_t row = rows ? rows[i + r] : i + r;
     cp[r] = m.codes + row * m.row_bytes;
     const int64_t next = i + R + r < i_end ? (rows ? rows[i + R + r] : i + R + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
     sf[r] = sf_all + r * sfs;
+    for (int t = 0; t < NT; ++t) {
+      acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+      zsum[r][t] = 0.0f;
+    }
+    if (m.rowq != nullptr) {
+      for (int64_t g = 0; g < m.groups; ++g) {
+        float s, z;
+        group_sz(m, row, g, s, z);
+        sf[r][g] = s;
+        for (int t = 0; t < NT; ++t) zsum[r][t] += s * z * a.c[t * m.groups + g];
+      }
+      continue;
+    }
     const uint16_t* sp = m.scale + row * m.groups;
     const uint16_t* zp = m.zero + row * m.groups;
-    for (int t = 0; t < NT; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < m.groups; g += 16) {  // the scales as floats; the zero-point term, subtracted
       const int64_t left = m.groups - g;
       const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
@@ -108,7 +121,8 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
   }
   if (ch < chunks) step(ch, 0);
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) out[t * ldo + i + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+    for (int t = 0; t < NT; ++t)
+      out[t * ldo + i + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1])) - zsum[r][t];
 }
 
 template <int B, int NT, int P>
@@ -158,7 +172,7 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
       zsum[r][t] = 0.0f;
     }
     int64_t g = 0;
-    for (; g + 8 <= m.groups; g += 8) {
+    for (; m.rowq == nullptr && g + 8 <= m.groups; g += 8) {  // fp16 metadata: 8 groups at a time
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + g)));
       const __m256 sz = _mm256_mul_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + g))));
       _mm256_storeu_ps(sf[r] + g, s);
@@ -166,9 +180,10 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
         acc[r][t][1] = _mm256_fnmadd_ps(sz, _mm256_loadu_ps(a.c + t * m.groups + g), acc[r][t][1]);
     }
     for (; g < m.groups; ++g) {
-      const float s = _cvtsh_ss(sp[g]);
+      float s, z;
+      group_sz(m, row, g, s, z);
       sf[r][g] = s;
-      for (int t = 0; t < NT; ++t) zsum[r][t] += s * _cvtsh_ss(zp[g]) * a.c[t * m.groups + g];
+      for (int t = 0; t < NT; ++t) zsum[r][t] += s * z * a.c[t * m.groups + g];
     }
   }
   const bool uniform = m.group % a.chunk_codes == 0;

@@ -122,6 +122,21 @@ inline V8 widen_fp16(const uint16_t* p) {
 }
 #endif
 
+// Scale and zero of group g of row `row` as the reference computes them: fp16 values (gq), or 8-bit
+// codes under the row's fp16 factors (gqd), whose products are exact in fp32, so a fused multiply-add
+// rounds as the reference's multiply-then-add does.
+inline void group_sz(const moepack_cpu::QMat& m, int64_t row, int64_t g, float& s, float& z) {
+  const int64_t k = row * m.groups + g;
+  if (m.rowq == nullptr) {
+    s = half_to_float(m.scale[k]);
+    z = half_to_float(m.zero[k]);
+    return;
+  }
+  const uint16_t* f = m.rowq + row * 3;
+  s = half_to_float(f[0]) * (float)m.gscale[k];
+  z = half_to_float(f[1]) + half_to_float(f[2]) * (float)m.gzero[k];
+}
+
 // --- decoding one block of 32 codes ------------------------------------------------------------------
 // Group<B>(scale, zero) builds the group's table; decode(p, w) reads the 4*B bytes at p into w[0..3].
 #if MOEPACK_SIMD
@@ -205,23 +220,21 @@ struct Group {
 // --- the two row formats ---------------------------------------------------------------------------
 template <int B>
 struct QuantRows {
+  moepack_cpu::QMat q;
   const uint8_t* codes;
-  const uint16_t* scale;
-  const uint16_t* zero;
   int64_t row_bytes, groups, group, cols;
   static constexpr int64_t kMaxUnit = 128;  // groups up to this wide take the four-row matmul_t
   explicit QuantRows(const moepack_cpu::QMat& m)
-      : codes(m.codes), scale(m.scale), zero(m.zero), row_bytes(m.row_bytes), groups(m.groups), group(m.group),
-        cols(m.cols) {}
+      : q(m), codes(m.codes), row_bytes(m.row_bytes), groups(m.groups), group(m.group), cols(m.cols) {}
   // columns of unit g that blocks() visits: G, or for a ragged last group its length rounded up to 32
   inline int64_t unit_width(int64_t g) const { return imin(group, ((cols + 31) & ~(int64_t)31) - g * group); }
   template <class F>
   inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
     const uint8_t* c = codes + r * row_bytes;
-    const uint16_t* sc = scale + r * groups;
-    const uint16_t* ze = zero + r * groups;
     for (int64_t g = g0; g < g1; ++g) {
-      const Group<B> grp(half_to_float(sc[g]), half_to_float(ze[g]));
+      float s, z;
+      group_sz(q, r, g, s, z);
+      const Group<B> grp(s, z);
       const int64_t end = imin((g + 1) * group, cols);
       int64_t col = g * group;
       for (; col + 32 <= end; col += 32) {

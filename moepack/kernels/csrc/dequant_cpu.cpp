@@ -4,7 +4,9 @@
 // Payload (docs/format.md, "Codecs"): codes uint8 [rows, ceil(cols*b/8)] (a little-endian bitstream per
 // row), scale fp16 [rows, ceil(cols/G)], zero fp16 [rows, ceil(cols/G)]; w = (q - zero) * scale, computed
 // in fp32. Any cols: the last group may be ragged (format version 2); x is then padded with zeros to a
-// multiple of 32 columns for the products (cpu_table.h).
+// multiple of 32 columns for the products (cpu_table.h). Double-quantised metadata (recipe q{b}g{G}d): pass
+// the u8 codes gscale and gzero as scale and zero and the fp16 [rows, 3] factors as `rowq`; the kernels
+// compute each group's scale and zero from them as they go (group_sz), nothing is expanded beforehand.
 //
 // The kernels are compiled once per instruction set (isa_*.cpp: generic, avx2, avx512, avx512_vnni) and
 // the best table the CPU supports is chosen when the library loads (__builtin_cpu_supports), so one build
@@ -117,7 +119,7 @@ std::string set_isa(const std::string& name) {
 
 // --- argument checking -------------------------------------------------------------------------------
 QMat check_quant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-                 int64_t group, int64_t cols) {
+                 int64_t group, int64_t cols, const c10::optional<at::Tensor>& rowq) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "moepack_cpu: bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(group > 0 && group % 32 == 0, "moepack_cpu: group must be a positive multiple of 32, got ", group);
   TORCH_CHECK(cols > 0, "moepack_cpu: cols must be positive, got ", cols);
@@ -125,16 +127,28 @@ QMat check_quant(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
               "moepack_cpu: tensors must be on the CPU");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
               "moepack_cpu: codes must be a contiguous uint8 matrix");
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  zero.is_contiguous(),
-              "moepack_cpu: scale and zero must be contiguous float16");
+  const bool dq = rowq.has_value();
+  const auto meta = dq ? at::kByte : at::kHalf;
+  TORCH_CHECK(scale.scalar_type() == meta && zero.scalar_type() == meta && scale.is_contiguous() && zero.is_contiguous(),
+              "moepack_cpu: scale and zero must be contiguous ", dq ? "uint8 codes (with rowq)" : "float16");
   const int64_t rows = codes.size(0), groups = (cols + group - 1) / group, row_bytes = (cols * bits + 7) / 8;
   TORCH_CHECK(codes.size(1) == row_bytes, "moepack_cpu: codes has ", codes.size(1), " bytes per row, expected ",
               row_bytes);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == groups && zero.sizes() == scale.sizes(),
               "moepack_cpu: scale and zero must be [", rows, ", ", groups, "]");
-  return QMat{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
-              reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()), row_bytes, groups, group, cols, (int)bits};
+  if (!dq)
+    return QMat{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+                reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()), row_bytes, groups, group, cols,
+                (int)bits};
+  const at::Tensor& f = *rowq;
+  TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kHalf && f.is_contiguous() && f.dim() == 2 &&
+                  f.size(0) == rows && f.size(1) == 3,
+              "moepack_cpu: rowq must be a contiguous float16 [", rows, ", 3] CPU tensor");
+  QMat m{codes.data_ptr<uint8_t>(), nullptr, nullptr, row_bytes, groups, group, cols, (int)bits};
+  m.gscale = scale.data_ptr<uint8_t>();
+  m.gzero = zero.data_ptr<uint8_t>();
+  m.rowq = reinterpret_cast<const uint16_t*>(f.data_ptr<at::Half>());
+  return m;
 }
 
 WMat check_wide(const at::Tensor& w) {
@@ -234,9 +248,10 @@ at::Tensor padded_x(const at::Tensor& xc, int64_t cols, int64_t* ldx) {
 }
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                   const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group) {
+                   const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group,
+                   const c10::optional<at::Tensor>& rowq) {
   TORCH_CHECK(x.dim() == 2, "moepack_cpu.qmatmul: x must be a float32 CPU matrix [T, cols]");
-  const QMat m = check_quant(codes, scale, zero, bits, group, x.size(1));
+  const QMat m = check_quant(codes, scale, zero, bits, group, x.size(1), rowq);
   int64_t ldx;
   const at::Tensor xc = padded_x(check_x(x, m.cols, "qmatmul"), m.cols, &ldx);
   int64_t n;
@@ -329,8 +344,9 @@ at::Tensor rows_matmul_t(const M& m, int64_t unit, const at::Tensor& h, int64_t 
 }
 
 at::Tensor qmatmul_t(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                     const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols) {
-  const QMat m = check_quant(codes, scale, zero, bits, group, cols);
+                     const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols,
+                     const c10::optional<at::Tensor>& rowq) {
+  const QMat m = check_quant(codes, scale, zero, bits, group, cols, rowq);
   const Table& tb = table();
   return rows_matmul_t(m, m.group, h, codes.size(0), rows, "qmatmul_t",
                        [&](const float* hp, int64_t nt, const int64_t* r, int64_t n, int64_t g0, int64_t g1,
@@ -346,8 +362,9 @@ at::Tensor pmatmul_t(const at::Tensor& h, const at::Tensor& w, const c10::option
 }
 
 at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols, bool bf16) {
-  const QMat m = check_quant(codes, scale, zero, bits, group, cols);
+                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols, bool bf16,
+                    const c10::optional<at::Tensor>& rowq) {
+  const QMat m = check_quant(codes, scale, zero, bits, group, cols, rowq);
   int64_t n;
   const int64_t* r = check_rows(rows, codes.size(0), &n);
   at::Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
@@ -365,13 +382,15 @@ at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::
 }  // namespace
 
 TORCH_LIBRARY(moepack_cpu, m) {
-  m.def("qmatmul(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group) -> Tensor");
   m.def(
-      "qmatmul_t(Tensor h, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols) "
-      "-> Tensor");
+      "qmatmul(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, "
+      "Tensor? rowq=None) -> Tensor");
   m.def(
-      "qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, bool bf16=False) "
-      "-> Tensor");
+      "qmatmul_t(Tensor h, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, "
+      "Tensor? rowq=None) -> Tensor");
+  m.def(
+      "qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, bool bf16=False, "
+      "Tensor? rowq=None) -> Tensor");
   m.def("pmatmul(Tensor x, Tensor w, Tensor? rows) -> Tensor");
   m.def("pmatmul_t(Tensor h, Tensor w, Tensor? rows) -> Tensor");
   m.def("isa() -> str", [] { return std::string(table().name); });

@@ -6,7 +6,9 @@
 // row; scale, zero fp16 [rows, ceil(cols/G)]; w = (q - zero) * scale in fp32 (the torch reference's
 // rounding). Any cols (format version 2): the last group may be ragged and the last 32-code block (or
 // 8-code octet) partial; such a block is read byte by byte up to the row's end, x is zero-padded to
-// ldx = cols rounded up to 32 by the binding, and only columns < cols are written.
+// ldx = cols rounded up to 32 by the binding, and only columns < cols are written. Double-quantised
+// metadata (recipe q{b}g{G}d): u8 gscale and gzero [rows, groups] under fp16 rowq [rows, 3] = (d_s, z_0,
+// d_z), s = d_s * gscale, z = z_0 + d_z * gzero, computed per group as the kernels go (Meta::sz).
 //
 // Work units. 32 codes of b bits are exactly 4*b bytes and never straddle a group (G % 32 == 0):
 //  * qmatmul (x @ W[rows].T): one warp per output row; lane l reads 32-code blocks l, l+32, ... of the
@@ -84,6 +86,42 @@ __device__ __forceinline__ uint32_t load_octet_bytes(const uint8_t* p, int64_t a
 
 __device__ __forceinline__ int64_t row_bytes_of(int cols, int B) { return ((int64_t)cols * B + 7) / 8; }
 
+// A matrix's group metadata: fp16 scale and zero (rowq == nullptr), or u8 codes under per-row factors.
+struct Meta {
+  const __half* scale;
+  const __half* zero;
+  const uint8_t* gscale;
+  const uint8_t* gzero;
+  const __half* rowq;
+  int groups;
+  // scale and zero of group g of row r; the products are exact in fp32, so a fused multiply-add rounds as
+  // the reference's multiply-then-add
+  __device__ __forceinline__ void sz(int64_t r, int g, float& s, float& z) const {
+    const int64_t k = r * groups + g;
+    if (rowq == nullptr) {
+      s = __half2float(scale[k]);
+      z = __half2float(zero[k]);
+      return;
+    }
+    const __half* f = rowq + r * 3;
+    s = __half2float(f[0]) * (float)gscale[k];
+    z = __half2float(f[1]) + __half2float(f[2]) * (float)gzero[k];
+  }
+  Meta rows_from(int64_t i0) const {  // the metadata of rows i0, i0 + 1, ...
+    const int64_t k = i0 * groups;
+    if (rowq == nullptr) return Meta{scale + k, zero + k, nullptr, nullptr, nullptr, groups};
+    return Meta{nullptr, nullptr, gscale + k, gzero + k, rowq + i0 * 3, groups};
+  }
+};
+
+Meta make_meta(const void* scale, const void* zero, const void* rowq, int cols, int group) {
+  const int groups = (cols + group - 1) / group;
+  if (rowq == nullptr)
+    return Meta{static_cast<const __half*>(scale), static_cast<const __half*>(zero), nullptr, nullptr, nullptr, groups};
+  return Meta{nullptr, nullptr, static_cast<const uint8_t*>(scale), static_cast<const uint8_t*>(zero),
+              static_cast<const __half*>(rowq), groups};
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -92,19 +130,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 template <int B, int NT>
 __global__ void qmatmul_kernel(const float* __restrict__ x, int ldx, int cols, const uint8_t* __restrict__ codes,
-                               const __half* __restrict__ scale, const __half* __restrict__ zero,
-                               const int64_t* __restrict__ rows, int n, int group, float* __restrict__ out,
+                               Meta meta, const int64_t* __restrict__ rows, int n, int group, float* __restrict__ out,
                                int ldo) {
   const int warp = blockIdx.x * kWarpsPerBlock + (threadIdx.x / kWarp);
   const int lane = threadIdx.x % kWarp;
   if (warp >= n) return;
   const int64_t r = rows ? rows[warp] : warp;
-  const int groups = (cols + group - 1) / group, nblocks = (cols + 31) / 32;
+  const int nblocks = (cols + 31) / 32;
   const int64_t row_bytes = row_bytes_of(cols, B);
   const bool whole = cols % 32 == 0;  // aligned rows of whole blocks: vector loads
   const uint8_t* crow = codes + r * row_bytes;
-  const __half* srow = scale + r * groups;
-  const __half* zrow = zero + r * groups;
   float acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.f;
@@ -115,7 +150,8 @@ __global__ void qmatmul_kernel(const float* __restrict__ x, int ldx, int cols, c
     else
       q.load_bytes(crow + blk * 4 * B, (int)min((int64_t)(4 * B), row_bytes - (int64_t)blk * 4 * B));
     const int g = blk * 32 / group;
-    const float s = __half2float(srow[g]), z = __half2float(zrow[g]);
+    float s, z;
+    meta.sz(r, g, s, z);
     const float* xb = x + blk * 32;
 #pragma unroll
     for (int i4 = 0; i4 < 8; ++i4) {
@@ -141,13 +177,12 @@ __global__ void qmatmul_kernel(const float* __restrict__ x, int ldx, int cols, c
 
 template <int B, int NT>
 __global__ void qmatmul_t_kernel(const float* __restrict__ h, int ldh, const uint8_t* __restrict__ codes,
-                                 const __half* __restrict__ scale, const __half* __restrict__ zero,
-                                 const int64_t* __restrict__ rows, int n, int cols, int group,
+                                 Meta meta, const int64_t* __restrict__ rows, int n, int cols, int group,
                                  float* __restrict__ out) {
   const int oct = blockIdx.x * blockDim.x + threadIdx.x;  // 8 columns [8*oct, 8*oct+8)
   if (oct >= (cols + 7) / 8) return;
   const int i0 = blockIdx.y * kRowsPerSlice, i1 = min(n, i0 + kRowsPerSlice);
-  const int groups = (cols + group - 1) / group, g = oct * 8 / group;
+  const int g = oct * 8 / group;
   const int64_t row_bytes = row_bytes_of(cols, B);
   const bool whole = cols % 8 == 0;  // aligned octets; else byte loads up to the row's end
   const int ncol = min(8, cols - oct * 8);
@@ -160,7 +195,8 @@ __global__ void qmatmul_t_kernel(const float* __restrict__ h, int ldh, const uin
     const int64_t r = rows ? rows[i] : i;
     const uint8_t* p = codes + r * row_bytes + (int64_t)oct * B;
     const uint32_t q = whole ? load_octet<B>(p) : load_octet_bytes<B>(p, row_bytes - (int64_t)oct * B);
-    const float s = __half2float(scale[r * groups + g]), z = __half2float(zero[r * groups + g]);
+    float s, z;
+    meta.sz(r, g, s, z);
     float hv[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) hv[t] = __ldg(h + (int64_t)t * ldh + i);
@@ -179,18 +215,19 @@ __global__ void qmatmul_t_kernel(const float* __restrict__ h, int ldh, const uin
 }
 
 template <int B>
-__global__ void qdequant_kernel(const uint8_t* __restrict__ codes, const __half* __restrict__ scale,
-                                const __half* __restrict__ zero, const int64_t* __restrict__ rows, int cols,
+__global__ void qdequant_kernel(const uint8_t* __restrict__ codes, Meta meta, const int64_t* __restrict__ rows,
+                                int cols,
                                 int group, float* __restrict__ out) {
   const int oct = blockIdx.x * blockDim.x + threadIdx.x;
   if (oct >= (cols + 7) / 8) return;
   const int i = blockIdx.y;
   const int64_t r = rows ? rows[i] : i;
-  const int groups = (cols + group - 1) / group, g = oct * 8 / group;
+  const int g = oct * 8 / group;
   const int64_t row_bytes = row_bytes_of(cols, B);
   const uint8_t* p = codes + r * row_bytes + (int64_t)oct * B;
   const uint32_t q = cols % 8 == 0 ? load_octet<B>(p) : load_octet_bytes<B>(p, row_bytes - (int64_t)oct * B);
-  const float s = __half2float(scale[r * groups + g]), z = __half2float(zero[r * groups + g]);
+  float s, z;
+  meta.sz(r, g, s, z);
   float w[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) w[j] = ((float)((q >> (j * B)) & ((1u << B) - 1u)) - z) * s;
@@ -207,54 +244,54 @@ __global__ void qdequant_kernel(const uint8_t* __restrict__ codes, const __half*
 }
 
 template <int B, int NT>
-void launch_matmul(const float* x, int ldx, int cols, const uint8_t* codes, const __half* s, const __half* z,
+void launch_matmul(const float* x, int ldx, int cols, const uint8_t* codes, Meta mt,
                    const int64_t* rows, int n, int group, float* out, int ldo, cudaStream_t stream) {
   const dim3 grid((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  qmatmul_kernel<B, NT><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(x, ldx, cols, codes, s, z, rows, n, group, out,
+  qmatmul_kernel<B, NT><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(x, ldx, cols, codes, mt, rows, n, group, out,
                                                                       ldo);
 }
 
 template <int B>
-void matmul_tokens(const float* x, int T, int ldx, int cols, const uint8_t* codes, const __half* s,
-                   const __half* z, const int64_t* rows, int n, int group, float* out, cudaStream_t stream) {
+void matmul_tokens(const float* x, int T, int ldx, int cols, const uint8_t* codes, Meta mt, const int64_t* rows,
+                   int n, int group, float* out, cudaStream_t stream) {
   for (int t = 0; t < T; t += kMaxTokens) {
     const float* xt = x + (int64_t)t * ldx;
     float* ot = out + (int64_t)t * n;
     switch (T - t >= kMaxTokens ? kMaxTokens : T - t) {
-      case 1: launch_matmul<B, 1>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      case 2: launch_matmul<B, 2>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      case 3: launch_matmul<B, 3>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      case 4: launch_matmul<B, 4>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      case 5: launch_matmul<B, 5>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      case 6: launch_matmul<B, 6>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      case 7: launch_matmul<B, 7>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
-      default: launch_matmul<B, 8>(xt, ldx, cols, codes, s, z, rows, n, group, ot, n, stream); break;
+      case 1: launch_matmul<B, 1>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      case 2: launch_matmul<B, 2>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      case 3: launch_matmul<B, 3>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      case 4: launch_matmul<B, 4>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      case 5: launch_matmul<B, 5>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      case 6: launch_matmul<B, 6>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      case 7: launch_matmul<B, 7>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
+      default: launch_matmul<B, 8>(xt, ldx, cols, codes, mt, rows, n, group, ot, n, stream); break;
     }
   }
 }
 
 template <int B, int NT>
-void launch_matmul_t(const float* h, int ldh, const uint8_t* codes, const __half* s, const __half* z,
+void launch_matmul_t(const float* h, int ldh, const uint8_t* codes, Meta mt,
                      const int64_t* rows, int n, int cols, int group, float* out, cudaStream_t stream) {
   const dim3 grid(((cols + 7) / 8 + kThreads - 1) / kThreads, (n + kRowsPerSlice - 1) / kRowsPerSlice);
-  qmatmul_t_kernel<B, NT><<<grid, kThreads, 0, stream>>>(h, ldh, codes, s, z, rows, n, cols, group, out);
+  qmatmul_t_kernel<B, NT><<<grid, kThreads, 0, stream>>>(h, ldh, codes, mt, rows, n, cols, group, out);
 }
 
 template <int B>
-void matmul_t_tokens(const float* h, int T, const uint8_t* codes, const __half* s, const __half* z,
+void matmul_t_tokens(const float* h, int T, const uint8_t* codes, Meta mt,
                      const int64_t* rows, int n, int cols, int group, float* out, cudaStream_t stream) {
   for (int t = 0; t < T; t += kMaxTokens) {
     const float* ht = h + (int64_t)t * n;
     float* ot = out + (int64_t)t * cols;
     switch (T - t >= kMaxTokens ? kMaxTokens : T - t) {
-      case 1: launch_matmul_t<B, 1>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      case 2: launch_matmul_t<B, 2>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      case 3: launch_matmul_t<B, 3>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      case 4: launch_matmul_t<B, 4>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      case 5: launch_matmul_t<B, 5>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      case 6: launch_matmul_t<B, 6>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      case 7: launch_matmul_t<B, 7>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
-      default: launch_matmul_t<B, 8>(ht, n, codes, s, z, rows, n, cols, group, ot, stream); break;
+      case 1: launch_matmul_t<B, 1>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      case 2: launch_matmul_t<B, 2>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      case 3: launch_matmul_t<B, 3>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      case 4: launch_matmul_t<B, 4>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      case 5: launch_matmul_t<B, 5>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      case 6: launch_matmul_t<B, 6>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      case 7: launch_matmul_t<B, 7>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
+      default: launch_matmul_t<B, 8>(ht, n, codes, mt, rows, n, cols, group, ot, stream); break;
     }
   }
 }
@@ -265,55 +302,52 @@ bool valid(int bits, int group, int cols) {
 
 }  // namespace
 
-// Launchers: raw device pointers, scale/zero as fp16 bits, rows nullable; return a cudaError_t
+// Launchers: raw device pointers, scale/zero as fp16 bits (or, with rowq, u8 codes under its fp16 [rows, 3]
+// factors), rows and rowq nullable; return a cudaError_t
 // (cudaErrorInvalidValue for bad bits/group/cols). out of qmatmul_t must be zero-filled by the caller.
 // x of qmatmul has row stride ldx: cols rounded up to 32, zero past cols.
 extern "C" int moepack_cuda_qmatmul(const float* x, int T, int ldx, int cols, const uint8_t* codes,
-                                    const void* scale, const void* zero, const int64_t* rows, int n, int bits,
-                                    int group, float* out, cudaStream_t stream) {
+                                    const void* scale, const void* zero, const void* rowq, const int64_t* rows,
+                                    int n, int bits, int group, float* out, cudaStream_t stream) {
   if (!valid(bits, group, cols) || ldx != (cols + 31) / 32 * 32) return (int)cudaErrorInvalidValue;
   if (T <= 0 || n <= 0) return (int)cudaSuccess;
-  const __half* s = static_cast<const __half*>(scale);
-  const __half* z = static_cast<const __half*>(zero);
-  if (bits == 2) matmul_tokens<2>(x, T, ldx, cols, codes, s, z, rows, n, group, out, stream);
-  else if (bits == 3) matmul_tokens<3>(x, T, ldx, cols, codes, s, z, rows, n, group, out, stream);
-  else matmul_tokens<4>(x, T, ldx, cols, codes, s, z, rows, n, group, out, stream);
+  const Meta mt = make_meta(scale, zero, rowq, cols, group);
+  if (bits == 2) matmul_tokens<2>(x, T, ldx, cols, codes, mt, rows, n, group, out, stream);
+  else if (bits == 3) matmul_tokens<3>(x, T, ldx, cols, codes, mt, rows, n, group, out, stream);
+  else matmul_tokens<4>(x, T, ldx, cols, codes, mt, rows, n, group, out, stream);
   return (int)cudaGetLastError();
 }
 
 extern "C" int moepack_cuda_qmatmul_t(const float* h, int T, int n, const uint8_t* codes, const void* scale,
-                                      const void* zero, const int64_t* rows, int cols, int bits, int group,
-                                      float* out, cudaStream_t stream) {
+                                      const void* zero, const void* rowq, const int64_t* rows, int cols, int bits,
+                                      int group, float* out, cudaStream_t stream) {
   if (!valid(bits, group, cols)) return (int)cudaErrorInvalidValue;
   if (T <= 0 || n <= 0) return (int)cudaSuccess;
-  const __half* s = static_cast<const __half*>(scale);
-  const __half* z = static_cast<const __half*>(zero);
-  if (bits == 2) matmul_t_tokens<2>(h, T, codes, s, z, rows, n, cols, group, out, stream);
-  else if (bits == 3) matmul_t_tokens<3>(h, T, codes, s, z, rows, n, cols, group, out, stream);
-  else matmul_t_tokens<4>(h, T, codes, s, z, rows, n, cols, group, out, stream);
+  const Meta mt = make_meta(scale, zero, rowq, cols, group);
+  if (bits == 2) matmul_t_tokens<2>(h, T, codes, mt, rows, n, cols, group, out, stream);
+  else if (bits == 3) matmul_t_tokens<3>(h, T, codes, mt, rows, n, cols, group, out, stream);
+  else matmul_t_tokens<4>(h, T, codes, mt, rows, n, cols, group, out, stream);
   return (int)cudaGetLastError();
 }
 
-extern "C" int moepack_cuda_qdequant(const uint8_t* codes, const void* scale, const void* zero,
+extern "C" int moepack_cuda_qdequant(const uint8_t* codes, const void* scale, const void* zero, const void* rowq,
                                      const int64_t* rows, int n, int cols, int bits, int group, float* out,
                                      cudaStream_t stream) {
   if (!valid(bits, group, cols)) return (int)cudaErrorInvalidValue;
   if (n <= 0) return (int)cudaSuccess;
-  const __half* s = static_cast<const __half*>(scale);
-  const __half* z = static_cast<const __half*>(zero);
+  const Meta mt = make_meta(scale, zero, rowq, cols, group);
   constexpr int kMaxGridY = 65535;
   for (int i0 = 0; i0 < n; i0 += kMaxGridY) {  // one launch per slice of rows (grid.y is limited)
     const int m = n - i0 < kMaxGridY ? n - i0 : kMaxGridY;
     const dim3 grid(((cols + 7) / 8 + kThreads - 1) / kThreads, m);
     const int64_t* r = rows ? rows + i0 : nullptr;
-    const int64_t row_bytes = ((int64_t)cols * bits + 7) / 8, groups = (cols + group - 1) / group;
+    const int64_t row_bytes = ((int64_t)cols * bits + 7) / 8;
     const uint8_t* c = rows ? codes : codes + (int64_t)i0 * row_bytes;
-    const __half* sg = rows ? s : s + (int64_t)i0 * groups;
-    const __half* zg = rows ? z : z + (int64_t)i0 * groups;
+    const Meta mg = rows ? mt : mt.rows_from(i0);
     float* o = out + (int64_t)i0 * cols;
-    if (bits == 2) qdequant_kernel<2><<<grid, kThreads, 0, stream>>>(c, sg, zg, r, cols, group, o);
-    else if (bits == 3) qdequant_kernel<3><<<grid, kThreads, 0, stream>>>(c, sg, zg, r, cols, group, o);
-    else qdequant_kernel<4><<<grid, kThreads, 0, stream>>>(c, sg, zg, r, cols, group, o);
+    if (bits == 2) qdequant_kernel<2><<<grid, kThreads, 0, stream>>>(c, mg, r, cols, group, o);
+    else if (bits == 3) qdequant_kernel<3><<<grid, kThreads, 0, stream>>>(c, mg, r, cols, group, o);
+    else qdequant_kernel<4><<<grid, kThreads, 0, stream>>>(c, mg, r, cols, group, o);
   }
   return (int)cudaGetLastError();
 }
