@@ -94,3 +94,20 @@ def test_dq_pack_end_to_end(baby, tmp_path):
     got = MoePackModel.load(pack, device="cpu").logits(ids)
     assert bool(torch.isfinite(ref).all())
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_profiled_plan_can_choose_dq_recipes(baby, tmp_path):
+    """The profiler measures q{b}g{G}d candidates (with the optimised encoder only: round-to-nearest is a
+    plain-metadata baseline) and a --target-ratio plan may pick them."""
+    from moepack.compress import compress
+    from moepack.profile import profile
+
+    src = str(baby("qwen3_moe"))
+    prof = profile(src, candidates=("q4g64", "q2g64d", "q3g64d"), max_tokens=512)
+    report = compress(src, tmp_path / "p.moepack", target_ratio=9, profile=prof)
+    assert 9 <= report.ratio <= 9 * 1.03
+    from moepack.format import Pack
+
+    with Pack(report.path, verify=True) as pack:
+        recipes = {pr.recipe for rec in pack.manifest.experts for pr in rec.projections.values()}
+    assert recipes & {"q2g64d", "q3g64d"}
