@@ -43,33 +43,27 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
                          // restarts at every 4 KiB page
   float* sf[R];
   __m512 acc[R][NT][2];
-  float zsum[R][NT];  // the zero-point term of double-quantised metadata (summed per group, scalar)
   for (int r = 0; r < R; ++r) {
     const int64_t row = rows ? rows[i + r] : i + r;
     cp[r] = m.codes + row * m.row_bytes;
     const int64_t next = i + R + r < i_end ? (rows ? rows[i + R + r] : i + R + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
     sf[r] = sf_all + r * sfs;
-    for (int t = 0; t < NT; ++t) {
-      acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
-      zsum[r][t] = 0.0f;
-    }
-    if (m.rowq != nullptr) {
-      for (int64_t g = 0; g < m.groups; ++g) {
-        float s, z;
-        group_sz(m, row, g, s, z);
-        sf[r][g] = s;
-        for (int t = 0; t < NT; ++t) zsum[r][t] += s * z * a.c[t * m.groups + g];
-      }
-      continue;
-    }
-    const uint16_t* sp = m.scale + row * m.groups;
-    const uint16_t* zp = m.zero + row * m.groups;
+    for (int t = 0; t < NT; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+    const RowMeta meta = row_meta(m, row);
     for (int64_t g = 0; g < m.groups; g += 16) {  // the scales as floats; the zero-point term, subtracted
       const int64_t left = m.groups - g;
       const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sp + g));
-      const __m512 sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zp + g)));
+      __m512 s, sz;
+      if (meta.sq == nullptr) {
+        s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, meta.sc + g));
+        sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, meta.ze + g)));
+      } else {  // double-quantised: s = d_s * gscale, z = z_0 + d_z * gzero
+        const __m512 sq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, meta.sq + g)));
+        const __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, meta.zq + g)));
+        s = _mm512_mul_ps(_mm512_set1_ps(meta.ds), sq);
+        sz = _mm512_mul_ps(s, _mm512_fmadd_ps(_mm512_set1_ps(meta.dz), zq, _mm512_set1_ps(meta.z0)));
+      }
       _mm512_storeu_ps(sf[r] + g, s);
       for (int t = 0; t < NT; ++t)
         acc[r][t][1] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.c + t * m.groups + g), acc[r][t][1]);
@@ -121,8 +115,7 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
   }
   if (ch < chunks) step(ch, 0);
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t)
-      out[t * ldo + i + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1])) - zsum[r][t];
+    for (int t = 0; t < NT; ++t) out[t * ldo + i + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
 }
 
 template <int B, int NT, int P>
@@ -165,23 +158,30 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
     const int64_t next = i + R + r < i_end ? (rows ? rows[i + R + r] : i + R + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
     sf[r] = sf_all + r * sfs;
-    const uint16_t* sp = m.scale + row * m.groups;
-    const uint16_t* zp = m.zero + row * m.groups;
+    const RowMeta meta = row_meta(m, row);
     for (int t = 0; t < NT; ++t) {
       acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
       zsum[r][t] = 0.0f;
     }
     int64_t g = 0;
-    for (; m.rowq == nullptr && g + 8 <= m.groups; g += 8) {  // fp16 metadata: 8 groups at a time
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + g)));
-      const __m256 sz = _mm256_mul_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + g))));
+    for (; g + 8 <= m.groups; g += 8) {  // 8 groups at a time
+      __m256 s, sz;
+      if (meta.sq == nullptr) {
+        s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta.sc + g)));
+        sz = _mm256_mul_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta.ze + g))));
+      } else {  // double-quantised: s = d_s * gscale, z = z_0 + d_z * gzero
+        const __m256 sq = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta.sq + g))));
+        const __m256 zq = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta.zq + g))));
+        s = _mm256_mul_ps(_mm256_set1_ps(meta.ds), sq);
+        sz = _mm256_mul_ps(s, _mm256_fmadd_ps(_mm256_set1_ps(meta.dz), zq, _mm256_set1_ps(meta.z0)));
+      }
       _mm256_storeu_ps(sf[r] + g, s);
       for (int t = 0; t < NT; ++t)
         acc[r][t][1] = _mm256_fnmadd_ps(sz, _mm256_loadu_ps(a.c + t * m.groups + g), acc[r][t][1]);
     }
     for (; g < m.groups; ++g) {
       float s, z;
-      group_sz(m, row, g, s, z);
+      meta.sz(g, s, z);
       sf[r][g] = s;
       for (int t = 0; t < NT; ++t) zsum[r][t] += s * z * a.c[t * m.groups + g];
     }

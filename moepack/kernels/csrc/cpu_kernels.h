@@ -122,19 +122,32 @@ inline V8 widen_fp16(const uint16_t* p) {
 }
 #endif
 
-// Scale and zero of group g of row `row` as the reference computes them: fp16 values (gq), or 8-bit
-// codes under the row's fp16 factors (gqd), whose products are exact in fp32, so a fused multiply-add
-// rounds as the reference's multiply-then-add does.
-inline void group_sz(const moepack_cpu::QMat& m, int64_t row, int64_t g, float& s, float& z) {
-  const int64_t k = row * m.groups + g;
-  if (m.rowq == nullptr) {
-    s = half_to_float(m.scale[k]);
-    z = half_to_float(m.zero[k]);
-    return;
+// The group metadata of one row: sz(g, s, z) gives group g's scale and zero as the reference computes
+// them: fp16 values (gq), or 8-bit codes under the row's fp16 factors (gqd, read once per row here),
+// whose products are exact in fp32, so a fused multiply-add rounds as the reference's multiply-then-add.
+struct RowMeta {
+  const uint16_t* sc;
+  const uint16_t* ze;
+  const uint8_t* sq;  // nullptr: fp16 metadata
+  const uint8_t* zq;
+  float ds, z0, dz;
+  inline void sz(int64_t g, float& s, float& z) const {
+    if (sq == nullptr) {
+      s = half_to_float(sc[g]);
+      z = half_to_float(ze[g]);
+      return;
+    }
+    s = ds * (float)sq[g];
+    z = z0 + dz * (float)zq[g];
   }
+};
+
+inline RowMeta row_meta(const moepack_cpu::QMat& m, int64_t row) {
+  const int64_t k = row * m.groups;
+  if (m.rowq == nullptr) return RowMeta{m.scale + k, m.zero + k, nullptr, nullptr, 0.0f, 0.0f, 0.0f};
   const uint16_t* f = m.rowq + row * 3;
-  s = half_to_float(f[0]) * (float)m.gscale[k];
-  z = half_to_float(f[1]) + half_to_float(f[2]) * (float)m.gzero[k];
+  return RowMeta{nullptr, nullptr, m.gscale + k, m.gzero + k, half_to_float(f[0]), half_to_float(f[1]),
+                 half_to_float(f[2])};
 }
 
 // --- decoding one block of 32 codes ------------------------------------------------------------------
@@ -231,9 +244,10 @@ struct QuantRows {
   template <class F>
   inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
     const uint8_t* c = codes + r * row_bytes;
+    const RowMeta meta = row_meta(q, r);
     for (int64_t g = g0; g < g1; ++g) {
       float s, z;
-      group_sz(q, r, g, s, z);
+      meta.sz(g, s, z);
       const Group<B> grp(s, z);
       const int64_t end = imin((g + 1) * group, cols);
       int64_t col = g * group;

@@ -11,18 +11,18 @@
 namespace {
 
 // The NR rows starting at i of a matmul_t tile: their codes, the codes of the next NR rows (prefetched:
-// pages restart the hardware prefetcher), their indices (for group_sz), and their weights h[t][i + r].
+// pages restart the hardware prefetcher), their group metadata, and their weights h[t][i + r].
 // False when every weight is zero (the rows add nothing).
 template <int NT, int NR>
 inline bool mt_row_setup(const moepack_cpu::QMat& m, const float* h, int64_t n, const int64_t* rows, int64_t i,
-                         const uint8_t** cp, const uint8_t** pf, int64_t* ri, float (*hv)[NT]) {
+                         const uint8_t** cp, const uint8_t** pf, RowMeta* ri, float (*hv)[NT]) {
   bool any = false;
   for (int r = 0; r < NR; ++r) {
     const int64_t row = rows ? rows[i + r] : i + r;
     cp[r] = m.codes + row * m.row_bytes;
     const int64_t next = i + NR + r < n ? (rows ? rows[i + NR + r] : i + NR + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
-    ri[r] = row;
+    ri[r] = row_meta(m, row);
     for (int t = 0; t < NT; ++t) {
       hv[r][t] = h[t * n + i + r];
       any |= hv[r][t] != 0.0f;
@@ -45,7 +45,7 @@ inline void mt_rows_512(const moepack_cpu::QMat& m, const float* h, int64_t n, c
   constexpr int K = 8 / B, BLK = 16 * K;
   const uint8_t* cp[NR];
   const uint8_t* pf[NR];
-  int64_t ri[NR];
+  RowMeta ri[NR];
   float hv[NR][NT];
   if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, ri, hv)) return;
   const __m512 iota = B == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
@@ -56,7 +56,7 @@ inline void mt_rows_512(const moepack_cpu::QMat& m, const float* h, int64_t n, c
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       float s, z;
-      group_sz(m, ri[r], g, s, z);
+      ri[r].sz(g, s, z);
       const __m512 w = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) tbl[r][t] = _mm512_mul_ps(w, _mm512_set1_ps(hv[r][t]));
@@ -142,7 +142,7 @@ inline void mt_rows_256(const moepack_cpu::QMat& m, const float* h, int64_t n, c
   const __m256i low = _mm256_set1_epi32((1 << B) - 1);
   const uint8_t* cp[NR];
   const uint8_t* pf[NR];
-  int64_t ri[NR];
+  RowMeta ri[NR];
   float hv[NR][NT];
   if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, ri, hv)) return;
   const int64_t c0 = g0 * m.group, tg = g1 - g0;
@@ -150,7 +150,7 @@ inline void mt_rows_256(const moepack_cpu::QMat& m, const float* h, int64_t n, c
     __m256 a[NR][NT];
     for (int r = 0; r < NR; ++r) {
       float s, z;
-      group_sz(m, ri[r], g, s, z);
+      ri[r].sz(g, s, z);
       for (int t = 0; t < NT; ++t) {
         const float hs = hv[r][t] * s;
         a[r][t] = _mm256_set1_ps(hs);

@@ -16,7 +16,7 @@ namespace moepack_cpu {
 // q8_prepare and q8_matmul have ldx >= cols rounded up to 32, zero past cols (the glue pads them).
 // With double-quantised metadata (recipe q{b}g{G}d, rowq != nullptr) scale and zero are null and group j
 // of row r has s = d_s * gscale[r, j], z = z_0 + d_z * gzero[r, j], rowq[r] = (d_s, z_0, d_z) fp16
-// (group_sz in cpu_kernels.h; both products are exact in fp32).
+// (RowMeta in cpu_kernels.h; both products are exact in fp32).
 struct QMat {
   const uint8_t* codes;
   const uint16_t* scale;
