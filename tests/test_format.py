@@ -107,18 +107,20 @@ def test_version_1_pack_still_reads(tmp_path):
                 assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_version_1_pack_cannot_claim_a_ragged_shape(tmp_path):
-    """Ragged groups are a version-2 feature: a version-1 manifest that needs one is refused by name."""
+@pytest.mark.parametrize("recipe,cols", [("2:4+fp16", 30), ("q4g32d", 32)], ids=["short-nm-block", "dq-metadata"])
+def test_version_1_pack_cannot_claim_a_version_2_layout(tmp_path, recipe, cols):
+    """A short N:M block (30 columns under 2:4) and double-quantised metadata are version-2 features: a
+    version-1 manifest that needs one is refused by name; the same record is valid in a version-2 pack."""
     pack = tmp_path / "old.moepack"
     shutil.copytree(FIXTURE_V1, pack)
 
-    def ragged(m):  # re-describe a projection as 2:4+fp16 on 30 columns (a short last block of 2)
+    def ragged(m):  # re-describe a projection with `recipe` on `cols` columns
         from moepack.codecs import part_specs
         from moepack.format.constants import DTYPE_NAMES
 
         rec = m["experts"][0]["projections"]["up"]
-        specs = part_specs("2:4+fp16", (8, 30))
-        rec["recipe"], rec["shape"] = "2:4+fp16", [8, 30]
+        specs = part_specs(recipe, (8, cols))
+        rec["recipe"], rec["shape"] = recipe, [8, cols]
         off = rec["parts"][0]["offset"]
         rec["parts"] = []
         for s in specs:
