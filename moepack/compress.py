@@ -132,7 +132,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 def encode_rtn(w: torch.Tensor, r) -> dict[str, torch.Tensor]:
     """Plain min/max round-to-nearest group quantisation (the benchmark baseline); only q{b}g{G} recipes."""
-    if r.bits is None or r.sparse or r.rank:
+    if r.bits is None or r.sparse or r.rank or r.dq:
         raise CodecError(f"round-to-nearest applies to plain q{{b}}g{{G}} recipes, not {r}")
     return quantize_rtn(w, r.bits, r.group)
 

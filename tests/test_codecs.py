@@ -186,8 +186,6 @@ def test_edge_values_do_not_break_quant():
 def test_bad_inputs_raise_codec_error(w):
     with pytest.raises(CodecError):
         encode(w, "q5g64")
-    with pytest.raises(CodecError, match="group 128 must divide"):
-        encode(w[:, :96], "q4g128")
     with pytest.raises(CodecError):
         encode(w.to(torch.int32), "q4g128")
     bad = w.clone()

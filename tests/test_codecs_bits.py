@@ -63,13 +63,15 @@ def test_unpack_rejects_wrong_width_and_bits():
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 5), blocks=st.integers(1, 9))
 def test_nm_index_round_trip(n, m, seed, rows, blocks):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, blocks * m, generator=g)
-    pos = nm_select(w, n, m)  # [rows, nb, N]
-    assert bool((pos[..., 1:] > pos[..., :-1]).all()), "positions must be ascending within a block"
-    back = nm_positions(nm_encode_index(pos, m), n, m, blocks * m)
+    cols = blocks * m
+    w = torch.randn(rows, cols, generator=g)
+    pos = nm_select(w, n, m)  # [rows, K] column indices
+    assert bool((pos[:, 1:] > pos[:, :-1]).all()), "positions must be ascending"
+    assert bool((pos // m == torch.arange(blocks).repeat_interleave(n)).all()), "N per block"
+    back = nm_positions(nm_encode_index(pos, m), n, m, cols)
     assert torch.equal(back, pos)
-    kept = nm_compact(w, pos, m)
-    dense = nm_scatter(kept, pos, m, blocks * m)
+    kept = nm_compact(w, pos)
+    dense = nm_scatter(kept, pos, cols)
     nz = (dense != 0).reshape(rows, blocks, m).sum(-1)
     assert bool((nz <= n).all())
     # the kept values are the N largest magnitudes of each block

@@ -29,7 +29,8 @@ from moepack.errors import (
 from moepack.format import Pack, PackWriter, projection_parts
 from moepack.format.constants import EXPERT_ALIGNMENT, PART_ALIGNMENT, SHARD_HEADER_BYTES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "tiny-v1.moepack"
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny-v2.moepack"
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "tiny-v1.moepack"  # written by format version 1
 
 
 def digest_dir(path: Path) -> dict[str, str]:
@@ -81,12 +82,57 @@ def test_shards_roll_over_at_the_size_limit(tmp_path):
         assert len({e.shard for e in p.manifest.experts}) > 1
 
 
-def test_golden_bytes_match_pinned_v1_fixture(tmp_path):
-    """The writer's bytes for the tiny pack are pinned; the v1 fixture must keep loading."""
-    fresh = build_tiny_pack(tmp_path / "tiny-v1.moepack")
+def test_golden_bytes_match_pinned_v2_fixture(tmp_path):
+    """The writer's bytes for the tiny pack are pinned; the fixture must keep loading."""
+    fresh = build_tiny_pack(tmp_path / "tiny-v2.moepack")
     assert digest_dir(fresh) == digest_dir(FIXTURE), "writer output changed: a format change needs a version bump"
     with Pack(FIXTURE, verify=True) as p:
-        assert p.manifest.format_version == 1
+        assert p.manifest.format_version == 2
+
+
+def test_version_1_pack_still_reads(tmp_path):
+    """A pack written by format version 1 (pinned bytes) loads, verifies and decodes to the same parts as the
+    current writer's; the two differ only in the version fields."""
+    with Pack(FIXTURE_V1, verify=True) as old, Pack(FIXTURE, verify=True) as new:
+        assert old.manifest.format_version == 1
+        assert [e.key for e in old.manifest.experts] == [e.key for e in new.manifest.experts]
+        for rec in old.manifest.experts:
+            a = old.expert_blob(rec.layer, rec.expert)
+            b = new.expert_blob(rec.layer, rec.expert)
+            assert torch.equal(a, b)
+            for proj in ("up", "gate", "down"):
+                got = projection_parts(a, rec.projections[proj])
+                seed = rec.layer * 100 + rec.expert * 10 + ("up", "gate", "down").index(proj)
+                want = (fp16_parts if rec.expert % 2 == 0 else q4_parts)(seed)
+                assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("recipe,cols", [("2:4+fp16", 30), ("q4g32d", 32)], ids=["short-nm-block", "dq-metadata"])
+def test_version_1_pack_cannot_claim_a_version_2_layout(tmp_path, recipe, cols):
+    """A short N:M block (30 columns under 2:4) and double-quantised metadata are version-2 features: a
+    version-1 manifest that needs one is refused by name; the same record is valid in a version-2 pack."""
+    pack = tmp_path / "old.moepack"
+    shutil.copytree(FIXTURE_V1, pack)
+
+    def ragged(m):  # re-describe a projection with `recipe` on `cols` columns
+        from moepack.codecs import part_specs
+        from moepack.format.constants import DTYPE_NAMES
+
+        rec = m["experts"][0]["projections"]["up"]
+        specs = part_specs(recipe, (8, cols))
+        rec["recipe"], rec["shape"] = recipe, [8, cols]
+        off = rec["parts"][0]["offset"]
+        rec["parts"] = []
+        for s in specs:
+            rec["parts"].append({"name": s.name, "dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                                 "offset": off, "nbytes": s.nbytes})
+            off += -(-s.nbytes // PART_ALIGNMENT) * PART_ALIGNMENT
+
+    edit_manifest(pack, ragged)
+    with pytest.raises(ManifestError, match="format version 1 cannot hold"):
+        Pack(pack)
+    edit_manifest(pack, lambda m: m.update(format_version=2))
+    Pack(pack).close()  # the same record is valid in a version-2 pack
 
 
 # --- atomicity -----------------------------------------------------------------------------------

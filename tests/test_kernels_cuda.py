@@ -76,22 +76,34 @@ def test_cuda_binding_syntax(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and a CUDA build of torch")
-def test_cuda_matches_torch():
-    from moepack.kernels import Backend, matmul, matmul_t
+@pytest.mark.parametrize("dq", [False, True], ids=["fp16meta", "dqmeta"])
+@pytest.mark.parametrize("cols", [512, 100, 160, 200, 2880, 37])
+def test_cuda_matches_torch(cols, dq):
+    """Fused (up to 8 tokens) and dequantise-and-GEMM (17) products, and the dequantiser, against the
+    reference; widths that are not a multiple of the group (a ragged last group, format version 2) and
+    not of 32 or 8 (partial blocks and octets, byte loads, random pad bits at the rows' ends); with fp16
+    or double-quantised metadata (q{b}g{G}d: u8 codes under per-row fp16 factors)."""
+    from moepack.codecs import as_recipe, decode
+    from moepack.kernels import Backend, compiled, matmul, matmul_t
+    from moepack.kernels._build import CUDA
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(cols)
     for bits in (2, 3, 4):
         for group in (32, 128):
             for T in (1, 5, 17):
-                rows_n, cols = 96, 512
-                parts = {
-                    "codes": torch.randint(
-                        0, 256, (rows_n, cols * bits // 8), generator=g, dtype=torch.uint8
-                    ),
-                    "scale": (torch.rand(rows_n, cols // group, generator=g) * 0.1 + 1e-3).half(),
-                    "zero": (torch.rand(rows_n, cols // group, generator=g) * (2**bits - 1)).half(),
-                }
-                recipe, shape = f"q{bits}g{group}", (rows_n, cols)
+                rows_n = 96
+                ng, nbytes = -(-cols // group), -(-cols * bits // 8)
+                parts = {"codes": torch.randint(0, 256, (rows_n, nbytes), generator=g, dtype=torch.uint8)}
+                if dq:
+                    parts["gscale"] = torch.randint(1, 256, (rows_n, ng), generator=g, dtype=torch.uint8)
+                    parts["gzero"] = torch.randint(0, 256, (rows_n, ng), generator=g, dtype=torch.uint8)
+                    parts["rowq"] = torch.stack([torch.rand(rows_n, generator=g) * 4e-4 + 1e-5,
+                                                 torch.rand(rows_n, generator=g) * 2 - 1,
+                                                 torch.rand(rows_n, generator=g) * 2**bits / 255], 1).half()
+                else:
+                    parts["scale"] = (torch.rand(rows_n, ng, generator=g) * 0.1 + 1e-3).half()
+                    parts["zero"] = (torch.rand(rows_n, ng, generator=g) * (2**bits - 1)).half()
+                recipe, shape = f"q{bits}g{group}{'d' if dq else ''}", (rows_n, cols)
                 gpu = {k: v.cuda() for k, v in parts.items()}
                 rows = torch.randperm(rows_n, generator=g)[:33]
                 x, h = torch.randn(T, cols, generator=g), torch.randn(T, 33, generator=g)
@@ -99,4 +111,7 @@ def test_cuda_matches_torch():
                     ref = op(inp, parts, recipe, shape, rows, backend=Backend.TORCH)
                     got = op(inp.cuda(), gpu, recipe, shape, rows.cuda(), backend=Backend.CUDA).cpu()
                     err = float((got - ref).abs().max() / ref.abs().max())
-                    assert err < 1e-5, (op.__name__, recipe, T, err)
+                    assert err < 1e-5, (op.__name__, recipe, cols, T, err)
+            want = decode(parts, recipe, shape)
+            got = compiled.dequantize(CUDA, gpu, as_recipe(recipe), cols, rows.cuda(), "cuda").cpu()
+            assert torch.equal(got, want[rows]), (recipe, cols)

@@ -154,3 +154,32 @@ def test_unreachable_target_fails_before_profiling(baby, tmp_path, monkeypatch):
     with pytest.raises(CodecError, match="out of reach"):
         compress(str(baby("mixtral")), tmp_path / "p.moepack", target_ratio=40)
     assert not (tmp_path / "p.moepack").exists()
+
+
+def test_any_hidden_size_reaches_9x_from_bf16(baby, tmp_path):
+    """Hidden 160 is not a multiple of 64 or 128: with ragged last groups every candidate fits, so the 1:4
+    tier makes 9x reachable from a bf16 source (before format version 2 the cap was q2g32's 5.33x)."""
+    from moepack.compress import reachable_candidates
+    from moepack.profile.profiler import DEFAULT_CANDIDATES, EXTREME_CANDIDATES, usable_candidates
+
+    shape = (192, 160)
+    assert usable_candidates(DEFAULT_CANDIDATES + EXTREME_CANDIDATES, shape) == DEFAULT_CANDIDATES + EXTREME_CANDIDATES
+    assert set(EXTREME_CANDIDATES) <= set(reachable_candidates(None, 9, shape, 2))
+    src = str(baby("qwen3_moe", hidden_size=160, dtype="bfloat16"))
+    prof = profile(src, candidates=("q4g128", "q2g64", "1:4+q4g128", "1:4+q3g128"), max_tokens=512)
+    report = compress(src, tmp_path / "p.moepack", target_ratio=9, profile=prof)
+    assert 9 <= report.ratio <= 9 * 1.03
+    with Pack(report.path, verify=True) as pack:
+        shapes = {tuple(pr.shape) for rec in pack.manifest.experts for pr in rec.projections.values()}
+        assert all(s[1] == 160 for s in shapes)
+        assert pack.manifest.format_version == 2
+    # the runtime runs it: the compiled kernels (ragged last groups) agree with the pure-torch reference
+    import torch
+
+    from moepack.runtime.api import MoePackModel
+
+    ids = list(range(3, 40))
+    ref = MoePackModel.load(report.path, device="cpu", backend="torch").logits(ids)
+    got = MoePackModel.load(report.path, device="cpu").logits(ids)
+    assert bool(torch.isfinite(ref).all())
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2

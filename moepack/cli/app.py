@@ -47,7 +47,7 @@ def compress(
     src: str = typer.Argument(..., help="Checkpoint folder, Hugging Face repo id, or alias such as mixtral-8x7b."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output NAME.moepack (default: the local pack store)."),
     target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="Source expert bytes / packed expert bytes."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="One recipe (q4g128, 2:4+q4g64, q2g64+r16, bf16) or up=..,gate=..,down=.."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="One recipe (q4g128, q2g64d, 2:4+q4g64, q2g64+r16, bf16) or up=..,gate=..,down=..; a trailing d stores 8-bit group scales and zeros"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (profiling)."),
     shard_size: str = typer.Option("2GiB", "--shard-size", help="Largest shard file (at least 8KiB)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing pack (never anything that is not a moepack pack)."),

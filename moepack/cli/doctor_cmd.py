@@ -36,5 +36,6 @@ def run(json_out: bool = False) -> int:
         state = "ok" if not bad else f"{bad} FAILED"
         print(f"check {isa:<12} {n} products vs the reference: {state} (worst margin {margin:+.0f} dB)")
     for c in failed[:10]:
-        print(f"  {c['isa']} {c['recipe']} {c['op']} T={c['tokens']}: {c['sqnr_db']} dB < {c['bound_db']} dB")
+        print(f"  {c['isa']} {c['recipe']} cols={c['cols']} {c['op']} T={c['tokens']}: {c['sqnr_db']} dB "
+              f"< {c['bound_db']} dB")
     return 1 if failed else 0

@@ -1,5 +1,7 @@
 """Group-wise asymmetric INT2/3/4 quantisation: `w = (q - zero) * scale`, one (scale, zero) per group
-of G consecutive columns in a row, both stored as fp16, codes packed by `bits.pack_bits`.
+of G consecutive columns in a row, both stored as fp16, codes packed by `bits.pack_bits`. A row of any
+length has ceil(cols/G) groups: when G does not divide cols the last group is ragged (cols % G columns,
+fitted on those alone; nothing padded is stored).
 
 `quantize` chooses (scale, zero) per group to minimise the importance-weighted squared error
 sum_j a_j (w_j - w^_j)^2 (a = per-column importance, e.g. mean squared activation):
@@ -36,40 +38,48 @@ def quant_part_specs(bits: int, group: int, rows: int, cols: int) -> list[tuple[
     """(name, dtype, shape) of the parts, in payload order."""
     return [
         ("codes", torch.uint8, (rows, (cols * bits + 7) // 8)),
-        ("scale", torch.float16, (rows, cols // group)),
-        ("zero", torch.float16, (rows, cols // group)),
+        ("scale", torch.float16, (rows, -(-cols // group))),
+        ("zero", torch.float16, (rows, -(-cols // group))),
     ]
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
     """Plain min/max round-to-nearest (the baseline); same parts as `quantize`."""
-    wg = _grouped(w, bits, group)  # [rows, ng, G]
-    s, z = _minmax_scale_zero(wg, (1 << bits) - 1, 1.0)
-    return _finish(wg, s, z, bits)
+    fits = []
+    for wg in _segments(_checked(w, bits, group), group):  # [rows, ng, G], then a ragged group
+        s, z = _minmax_scale_zero(wg, (1 << bits) - 1, 1.0)
+        fits.append((wg, s, z))
+    return _finish(fits, bits)
 
 
 def quantize(
     w: torch.Tensor, bits: int, group: int, *, importance: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """w [rows, cols] -> {codes uint8 [rows, cols*bits/8], scale fp16 [rows, ng], zero fp16 [rows, ng]}.
+    """w [rows, cols] -> {codes uint8 [rows, ceil(cols*bits/8)], scale fp16 [rows, ng], zero fp16 [rows, ng]}
+    with ng = ceil(cols / group).
 
     importance: [cols] or [rows, cols] non-negative weights of the squared error (None: uniform).
     """
-    wg = _grouped(w, bits, group)  # [rows, ng, G]
-    a = _grouped_importance(importance, w.shape, group)  # [1 or rows, ng, G] or None
+    w32 = _checked(w, bits, group)
+    a = _importance(importance, w.shape)  # [1 or rows, cols] or None
     qm = (1 << bits) - 1
-    s_all, z_all = [], []
-    # ~1 MB row chunks keep the dozens of elementwise passes in cache; they are too small to gain from
-    # intra-op threads, whose per-op sync made this 5-15x slower on a loaded 2-core host (measured).
-    # Parallelise across matrices instead (they are independent). Same bytes either way.
-    step = max(1, _CHUNK // (wg.shape[1] * wg.shape[2]))
-    with _single_intraop_thread():
-        for r0 in range(0, wg.shape[0], step):
-            ac = a if a is None or a.shape[0] == 1 else a[r0 : r0 + step]
-            s, z = _fit(wg[r0 : r0 + step], qm, ac)
-            s_all.append(s)
-            z_all.append(z)
-    return _finish(wg, torch.cat(s_all), torch.cat(z_all), bits)
+    fits = []
+    segs = _segments(w32, group)
+    a_segs = [None] * len(segs) if a is None else _segments(a, group)
+    for wg, ag in zip(segs, a_segs, strict=True):  # full groups, then the ragged one
+        s_all, z_all = [], []
+        # ~1 MB row chunks keep the dozens of elementwise passes in cache; they are too small to gain from
+        # intra-op threads, whose per-op sync made this 5-15x slower on a loaded 2-core host (measured).
+        # Parallelise across matrices instead (they are independent). Same bytes either way.
+        step = max(1, _CHUNK // (wg.shape[1] * wg.shape[2]))
+        with _single_intraop_thread():
+            for r0 in range(0, wg.shape[0], step):
+                ac = ag if ag is None or ag.shape[0] == 1 else ag[r0 : r0 + step]
+                s, z = _fit(wg[r0 : r0 + step], qm, ac)
+                s_all.append(s)
+                z_all.append(z)
+        fits.append((wg, torch.cat(s_all), torch.cat(z_all)))
+    return _finish(fits, bits)
 
 
 def _fit(wg: torch.Tensor, qm: int, a: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,10 +112,10 @@ def _fit(wg: torch.Tensor, qm: int, a: torch.Tensor | None) -> tuple[torch.Tenso
 def dequantize(parts: dict[str, torch.Tensor], bits: int, group: int, shape: tuple[int, int]) -> torch.Tensor:
     """The reference decode, in float32: w = (q - zero) * scale."""
     rows, cols = shape
-    q = unpack_bits(parts["codes"], bits, cols).reshape(rows, cols // group, group)  # [rows, ng, G]
-    z = parts["zero"].float().unsqueeze(-1)  # [rows, ng, 1]
-    s = parts["scale"].float().unsqueeze(-1)
-    return ((q.float() - z) * s).reshape(rows, cols)
+    q = unpack_bits(parts["codes"], bits, cols)  # [rows, cols]
+    z = parts["zero"].float().repeat_interleave(group, dim=1)[:, :cols]  # [rows, cols]: a ragged last group
+    s = parts["scale"].float().repeat_interleave(group, dim=1)[:, :cols]
+    return (q.float() - z) * s
 
 
 _threads_lock = threading.Lock()
@@ -132,17 +142,27 @@ def _single_intraop_thread():
 
 
 # --- helpers (all on grouped views [rows, ng, G]; s, z are [rows, ng, 1] float32) ------------------
-def _grouped(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    if w.dim() != 2:
-        raise CodecError(f"quantize expects a 2-D matrix, got shape {tuple(w.shape)}")
-    if bits not in (2, 3, 4) or group <= 0 or w.shape[1] % group:
+def _checked(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    if w.dim() != 2 or w.shape[1] == 0:
+        raise CodecError(f"quantize expects a 2-D matrix with columns, got shape {tuple(w.shape)}")
+    if bits not in (2, 3, 4) or group <= 0:
         raise CodecError(f"quantize: bits {bits} / group {group} invalid for shape {tuple(w.shape)}")
     if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
         raise CodecError("quantize: weights must be finite floating point")
-    return w.detach().to("cpu", torch.float32).reshape(w.shape[0], -1, group)
+    return w.detach().to("cpu", torch.float32)
 
 
-def _grouped_importance(imp: torch.Tensor | None, shape: torch.Size, group: int) -> torch.Tensor | None:
+def _segments(t: torch.Tensor, group: int) -> list[torch.Tensor]:
+    """[r, cols] -> its whole groups [r, cols // G, G] and the ragged last group [r, 1, cols % G], each
+    only when it has columns."""
+    r, cols = t.shape
+    full = cols // group * group
+    segs = [t[:, :full].reshape(r, full // group, group), t[:, full:].reshape(r, 1, cols - full)]
+    return [seg for seg in segs if seg.shape[1] and seg.shape[2]]
+
+
+def _importance(imp: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """The importance as float32 [1 or rows, cols], scaled to mean 1 and floored (or None)."""
     if imp is None:
         return None
     rows, cols = shape
@@ -153,7 +173,7 @@ def _grouped_importance(imp: torch.Tensor | None, shape: torch.Size, group: int)
         raise CodecError("importance must be finite and non-negative")
     a = a / a.mean().clamp_min(1e-30)  # scale-free; a tiny floor keeps every group's fit well posed
     a = a.clamp_min(1e-6) if a.max() > 0 else torch.ones_like(a)
-    return a.reshape(-1, cols // group, group)
+    return a.reshape(-1, cols)
 
 
 def _minmax_scale_zero(wg: torch.Tensor, qm: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,11 +232,12 @@ def _lsq_fit(wg, q, a, s_old, z_old) -> tuple[torch.Tensor, torch.Tensor]:
     return s, z
 
 
-def _finish(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    rows = wg.shape[0]
-    q = _codes(wg, s, z, (1 << bits) - 1).to(torch.uint8).reshape(rows, -1)  # [rows, cols]
+def _finish(fits: list, bits: int) -> dict[str, torch.Tensor]:
+    """Parts from the fitted segments [(wg [rows, ng, G], s, z [rows, ng, 1]), ...] in column order."""
+    rows = fits[0][0].shape[0]
+    q = torch.cat([_codes(wg, s, z, (1 << bits) - 1).to(torch.uint8).reshape(rows, -1) for wg, s, z in fits], 1)
     return {
-        "codes": pack_bits(q, bits),
-        "scale": s.squeeze(-1).half().contiguous(),
-        "zero": z.squeeze(-1).half().contiguous(),
+        "codes": pack_bits(q, bits),  # [rows, cols] codes
+        "scale": torch.cat([s.squeeze(-1) for _, s, _ in fits], 1).half().contiguous(),
+        "zero": torch.cat([z.squeeze(-1) for _, _, z in fits], 1).half().contiguous(),
     }

@@ -1,4 +1,6 @@
-"""Recipe strings: `[N:M+]base[+rR]` where base is `q{bits}g{group}` or a dtype (`bf16`/`fp16`/`fp32`).
+"""Recipe strings: `[N:M+]base[+rR]` where base is `q{bits}g{group}`, `q{bits}g{group}d` (the same codes with
+double-quantised metadata: 8-bit scale and zero codes per group under per-row fp16 factors) or a dtype
+(`bf16`/`fp16`/`fp32`).
 
 The Recipe is the parsed, validated, frozen form; `str(recipe)` is the canonical string the manifest
 stores, and `parse_recipe(str(r)) == r` always holds.
@@ -22,7 +24,7 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 MAX_M = 16  # N:M block size limit: indices stay <= 4 bits
 
 _NM = re.compile(r"^(\d+):(\d+)$")
-_Q = re.compile(r"^q(\d+)g(\d+)$")
+_Q = re.compile(r"^q(\d+)g(\d+)(d?)$")
 _R = re.compile(r"^r(\d+)$")
 
 
@@ -52,6 +54,7 @@ class Recipe:
     n: int | None = None  # N:M sparsity, keep n of every m
     m: int | None = None
     rank: int = 0  # low-rank residual rank, 0 = none
+    dq: bool = False  # double-quantised group metadata (`q{b}g{G}d`, codec `gqd`)
 
     def __post_init__(self) -> None:
         if (self.bits is None) != (self.group is None):
@@ -68,6 +71,8 @@ class Recipe:
             raise CodecError("N:M sparsity needs both N and M")
         if self.m is not None and not (2 <= self.m <= MAX_M and 1 <= self.n < self.m):
             raise CodecError(f"N:M sparsity needs 2 <= M <= {MAX_M} and 1 <= N < M, got {self.n}:{self.m}")
+        if self.dq and self.bits is None:
+            raise CodecError("double-quantised metadata (`d`) needs a q{bits}g{group} base")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise CodecError(f"low-rank rank must be a non-negative integer, got {self.rank!r}")
 
@@ -89,28 +94,39 @@ class Recipe:
     def codec_ids(self) -> tuple[str, ...]:
         """Registry ids of the stages, in payload order (what the manifest may store)."""
         ids = ["nm"] if self.sparse else []
-        ids.append("gq" if self.quantized else "raw")
+        ids.append(("gqd" if self.dq else "gq") if self.quantized else "raw")
         if self.rank:
             ids.append("lr")
         return tuple(ids)
 
     def stored_cols(self, cols: int) -> int:
-        """Columns of the matrix the base codec sees (cols*N/M after N:M compaction)."""
-        return cols * self.n // self.m if self.sparse else cols
+        """Columns of the matrix the base codec sees: the kept values per row after N:M compaction
+        (N per block of M, and ceil(N*L/M) of a short last block of L columns), else cols."""
+        if not self.sparse:
+            return cols
+        from moepack.codecs.sparse import kept_count
+
+        return kept_count(self.n, self.m, cols)
+
+    def groups(self, cols: int) -> int:
+        """Quantisation groups per row, the last one ragged when G does not divide the stored columns."""
+        return -(-self.stored_cols(cols) // self.group)
 
     def validate_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """Return (rows, cols) or raise CodecError naming the constraint the shape breaks."""
+        """Return (rows, cols) or raise CodecError naming the constraint the shape breaks. Any row length
+        is accepted (format version 2: ragged last group, short last N:M block)."""
         if len(shape) != 2 or any(not isinstance(d, int) or d <= 0 for d in shape):
             raise CodecError(f"recipe {self}: expected a 2-D shape of positive ints, got {tuple(shape)}")
         rows, cols = shape
-        if self.sparse and cols % self.m:
-            raise CodecError(f"recipe {self}: M={self.m} must divide cols={cols}")
-        if self.quantized and self.stored_cols(cols) % self.group:
-            what = f"compacted cols {self.stored_cols(cols)} (= {cols}*{self.n}/{self.m})" if self.sparse else f"cols={cols}"
-            raise CodecError(f"recipe {self}: group {self.group} must divide {what}")
         if self.rank > min(rows, cols):
             raise CodecError(f"recipe {self}: rank {self.rank} exceeds min(rows, cols) = {min(rows, cols)}")
         return rows, cols
+
+    def divides(self, cols: int) -> bool:
+        """True when the shape needs no ragged group or short block (all a version-1 pack may hold)."""
+        if self.sparse and cols % self.m:
+            return False
+        return not self.quantized or self.stored_cols(cols) % self.group == 0
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         """Stored bits per original weight, all parts included."""
@@ -121,7 +137,7 @@ class Recipe:
 
     def __str__(self) -> str:
         parts = [f"{self.n}:{self.m}"] if self.sparse else []
-        parts.append(f"q{self.bits}g{self.group}" if self.quantized else str(self.dtype))
+        parts.append(f"q{self.bits}g{self.group}{'d' if self.dq else ''}" if self.quantized else str(self.dtype))
         if self.rank:
             parts.append(f"r{self.rank}")
         return "+".join(parts)
@@ -142,12 +158,12 @@ def parse_recipe(s: str) -> Recipe:
     if i >= len(comps):
         raise CodecError(f"recipe {s!r}: missing base (q{{bits}}g{{group}} or bf16/fp16/fp32)")
     if mt := _Q.match(comps[i]):
-        kw["bits"], kw["group"] = int(mt.group(1)), int(mt.group(2))
+        kw["bits"], kw["group"], kw["dq"] = int(mt.group(1)), int(mt.group(2)), mt.group(3) == "d"
     elif comps[i] in DTYPES:
         kw["dtype"] = comps[i]
     else:
         raise CodecError(
-            f"recipe {s!r}: component {comps[i]!r} is not a base; expected q{{bits}}g{{group}} "
+            f"recipe {s!r}: component {comps[i]!r} is not a base; expected q{{bits}}g{{group}}[d] "
             f"(bits {BITS}, group {GROUPS}) or one of {tuple(DTYPES)}, after an optional N:M"
         )
     i += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moepack.codecs import lowrank, passthrough, quant, sparse
+from moepack.codecs import lowrank, passthrough, quant, quantdq, sparse
 from moepack.codecs.recipe import Recipe
 from moepack.errors import CodecError
 
@@ -51,18 +51,18 @@ def get_codec(codec_id: str) -> Codec:
 
 
 def _nm_encode(w: torch.Tensor, r: Recipe, importance: torch.Tensor | None):
-    pos = sparse.nm_select(w, r.n, r.m, importance)  # [rows, nb, N]
-    kept = sparse.nm_compact(w, pos, r.m)  # [rows, cols*N/M]
+    pos = sparse.nm_select(w, r.n, r.m, importance)  # [rows, K] column indices
+    kept = sparse.nm_compact(w, pos)  # [rows, K]
     kept_imp = None
     if importance is not None:  # the base now sees a different column subset in every row
         full = importance.float().expand(w.shape[0], -1).contiguous()
-        kept_imp = sparse.nm_compact(full, pos, r.m)
+        kept_imp = sparse.nm_compact(full, pos)
     return {"nm_index": sparse.nm_encode_index(pos, r.m)}, kept, kept_imp
 
 
 def _nm_decode(parts, r: Recipe, rows: int, cols: int, kept: torch.Tensor) -> torch.Tensor:
     pos = sparse.nm_positions(parts["nm_index"], r.n, r.m, cols)
-    return sparse.nm_scatter(kept, pos, r.m, cols)
+    return sparse.nm_scatter(kept, pos, cols)
 
 
 register(Codec(
@@ -76,6 +76,12 @@ register(Codec(
     specs=lambda r, rows, cols: quant.quant_part_specs(r.bits, r.group, rows, cols),
     encode=lambda w, r, imp: quant.quantize(w, r.bits, r.group, importance=imp),
     decode=lambda parts, r, rows, cols: quant.dequantize(parts, r.bits, r.group, (rows, cols)),
+))
+register(Codec(
+    "gqd", "base", "group-wise INT2/3/4 as gq, scale and zero as 8-bit codes under per-row fp16 factors",
+    specs=lambda r, rows, cols: quantdq.dq_part_specs(r.bits, r.group, rows, cols),
+    encode=lambda w, r, imp: quantdq.quantize_dq(w, r.bits, r.group, importance=imp),
+    decode=lambda parts, r, rows, cols: quantdq.dequantize_dq(parts, r.bits, r.group, (rows, cols)),
 ))
 register(Codec(
     "nm", "wrap", "N:M structured sparsity with packed in-block indices",

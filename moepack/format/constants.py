@@ -7,8 +7,8 @@ import torch
 MANIFEST_NAME = "manifest.json"
 MANIFEST_MAGIC = "moepack"  # the manifest's "magic" field
 SHARD_MAGIC = b"MOEPACK\x00"  # the first 8 bytes of every shard
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # docs/format.md, "Version history"
+SUPPORTED_VERSIONS = (1, 2)  # version 1 packs (no ragged groups or short N:M blocks) still read
 
 SHARD_HEADER_BYTES = 4096  # header area at the start of each shard; data begins after it
 EXPERT_ALIGNMENT = 4096  # every expert blob starts on a 4 KiB boundary (page, O_DIRECT, DMA friendly)

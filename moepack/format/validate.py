@@ -217,7 +217,7 @@ def _check_records(m: Manifest, path: Path) -> None:
         if set(e.projections) != set(PROJECTIONS):
             raise ManifestError(f"{where}: projections {sorted(e.projections)} should be {sorted(PROJECTIONS)}", path=path)
         for proj, rec in e.projections.items():
-            _check_parts(f"{where} {proj}", rec, e.nbytes, path)
+            _check_parts(f"{where} {proj}", rec, e.nbytes, path, m.format_version)
 
     # no two records may share bytes within a shard
     spans: dict[int, list[tuple[int, int, str]]] = {}
@@ -232,13 +232,18 @@ def _check_records(m: Manifest, path: Path) -> None:
                 raise OverlapError(f"{n0} [{s0}, {e0}) and {n1} (from {s1}) overlap in {m.shards[shard].name}", path=path)
 
 
-def _check_parts(where: str, rec, blob_nbytes: int, path: Path) -> None:
+def _check_parts(where: str, rec, blob_nbytes: int, path: Path, version: int) -> None:
     from moepack import codecs  # light; imported lazily so the format layer loads without it
 
     try:
         specs = codecs.part_specs(rec.recipe, rec.shape)
+        recipe = codecs.as_recipe(rec.recipe)
     except Exception as exc:  # a recipe this moepack cannot decode
         raise ManifestError(f"{where}: recipe {rec.recipe!r} cannot be read: {exc}", path=path) from None
+    if version < 2 and (recipe.dq or not recipe.divides(rec.shape[1])):
+        raise ManifestError(f"{where}: recipe {rec.recipe!r} on {rec.shape[1]} columns needs a ragged group, a "
+                            f"short N:M block or double-quantised metadata, which format version {version} cannot "
+                            "hold", path=path)
     got = [(p.name, p.dtype, tuple(p.shape)) for p in rec.parts]
     want = [(s.name, DTYPE_NAMES[s.dtype], tuple(s.shape)) for s in specs]
     if got != want:

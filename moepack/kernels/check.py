@@ -1,8 +1,9 @@
 """Which CPU code path the kernels use here, and a check of every path against the TORCH reference.
 
 `moepack doctor` prints `report()`. Each path this CPU can run (`isas`, best first) multiplies small
-random matrices of every recipe family the C++ backend serves, one and three tokens (the fused kernels)
-and twelve (the blocked GEMM path), and is compared with the reference by SQNR in dB:
+random matrices of every recipe family the C++ backend serves, at a width of whole groups and at a ragged
+one (format version 2), one and three tokens (the fused kernels) and twelve (the blocked GEMM path), and is
+compared with the reference by SQNR in dB:
   * products with int8 activations (q2/q4 matmul of up to 8 tokens, MOEPACK_CPU_Q8=1 or 2): at least
     Q8_SQNR_DB[planes] (one plane rounds each block of 32 activations to 8 bits, about 43 dB on Gaussian
     inputs; two planes add the residual, about 15 bits);
@@ -18,7 +19,8 @@ import torch
 
 Q8_SQNR_DB = {1: 35.0, 2: 70.0}  # by the number of int8 planes
 EXACT_SQNR_DB = 100.0
-CHECK_RECIPES = ("q4g128", "q4g32", "q3g64", "q2g64", "bf16", "fp16")
+CHECK_RECIPES = ("q4g128", "q4g32", "q3g64", "q2g64", "q4g128d", "q2g64d", "bf16", "fp16")
+CHECK_WIDTHS = (384, 200)  # whole groups; a ragged last group and a partial block of 32
 
 
 def sqnr_db(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -32,8 +34,9 @@ def display_isa(name: str) -> str:
     return name.replace("_", "-")
 
 
-def check_paths(recipes=CHECK_RECIPES, rows: int = 40, cols: int = 384, seed: int = 0) -> list[dict]:
-    """One record per (ISA path, recipe, op, tokens): sqnr_db, bound_db, ok. Restores the path in use."""
+def check_paths(recipes=CHECK_RECIPES, rows: int = 40, widths=CHECK_WIDTHS, seed: int = 0) -> list[dict]:
+    """One record per (ISA path, recipe, width, op, tokens): sqnr_db, bound_db, ok. Restores the path in
+    use."""
     from moepack.codecs import as_recipe, encode
     from moepack.kernels import Backend, matmul, matmul_t
     from moepack.kernels._build import CPP
@@ -47,7 +50,7 @@ def check_paths(recipes=CHECK_RECIPES, rows: int = 40, cols: int = 384, seed: in
         for isa in ops.isas():
             ops.set_isa(isa)
             planes = int(ops.q8())
-            for recipe in recipes:
+            for recipe, cols in ((rc, c) for rc in recipes for c in widths):
                 r, shape = as_recipe(recipe), (rows, cols)
                 parts = encode(torch.randn(*shape, generator=g), recipe)
                 for tokens in (1, 3, 12):
@@ -59,7 +62,8 @@ def check_paths(recipes=CHECK_RECIPES, rows: int = 40, cols: int = 384, seed: in
                         q8 = planes if q8 else 0
                         bound = Q8_SQNR_DB[q8] if q8 else EXACT_SQNR_DB
                         s = sqnr_db(got, ref)
-                        out.append({"isa": display_isa(isa), "recipe": recipe, "op": op.__name__, "tokens": tokens,
+                        out.append({"isa": display_isa(isa), "recipe": recipe, "cols": cols, "op": op.__name__,
+                                    "tokens": tokens,
                                     "int8_planes": q8, "sqnr_db": round(s, 1) if math.isfinite(s) else None,
                                     "bound_db": bound, "ok": s >= bound})
     finally:

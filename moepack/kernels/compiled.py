@@ -2,7 +2,7 @@
 
 Both extensions register the same op signatures `qmatmul`, `qmatmul_t`, `qdequant` (namespaces
 `moepack_cpu` and `moepack_cuda`) for group-quantised matrices (q2/q3/q4, any group that is a multiple of
-32). Up to FUSED_MAX_T tokens run the fused kernels; more tokens amortise a dequantisation well, so
+32, rows of any length: a ragged last group is read as stored, never padded into a copy). Up to FUSED_MAX_T tokens run the fused kernels; more tokens amortise a dequantisation well, so
 those dequantise a block of rows at a time and use the BLAS matmul (prefill).
 
 On the CPU the library picks the best code path the processor has when it loads (avx512_vnni, avx512,
@@ -51,14 +51,18 @@ def describe(device_type: str) -> str:
     return f"{quant} and {'/'.join(dtypes)} passthrough" if dtypes else quant
 
 
-def _qparts(parts: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+def quant_args(parts: dict[str, torch.Tensor], device: torch.device) -> tuple:
+    """(codes, scale, zero, rowq) as the compiled ops take them, contiguous on `device`: for double-quantised
+    metadata (`q{b}g{G}d`) scale and zero are the u8 codes `gscale`, `gzero` and rowq the fp16 row factors
+    (the kernels compute each group's scale and zero as they go); otherwise rowq is None."""
+    keys = ("codes", "gscale", "gzero", "rowq") if "rowq" in parts else ("codes", "scale", "zero")
     out = []
-    for k in ("codes", "scale", "zero"):
+    for k in keys:
         t = parts[k]
         if t.device != device:
             t = t.to(device)
         out.append(t if t.is_contiguous() else t.contiguous())
-    return tuple(out)
+    return tuple(out) if len(out) == 4 else (*out, None)
 
 
 def _row_blocks(n: int, cols: int, rows: torch.Tensor | None):
@@ -79,12 +83,13 @@ def _block_reader(ops, parts, recipe: Recipe, cols: int, device: torch.device, w
             return w if w.dtype == wide else w.to(wide)
 
         return values.shape[0], read
-    codes, scale, zero = _qparts(parts, device)
+    codes, scale, zero, rowq = quant_args(parts, device)
     extra = (wide == torch.bfloat16,) if device.type == "cpu" else ()  # the CUDA op has no bf16 output
 
     def read(i0, i1, sub):
-        c, s, z = (codes, scale, zero) if sub is not None else (t[i0:i1] for t in (codes, scale, zero))
-        w = ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols, *extra)
+        c, s, z, f = (codes, scale, zero, rowq) if sub is not None else (
+            None if t is None else t[i0:i1] for t in (codes, scale, zero, rowq))
+        w = ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols, *extra, rowq=f)
         return w if w.dtype == wide else w.to(wide)
 
     return codes.shape[0], read
@@ -101,8 +106,8 @@ def matmul(ext: LazyExtension, x: torch.Tensor, parts, recipe: Recipe, cols: int
     if _fused(recipe, parts, x.shape[0]):
         if not recipe.quantized:
             return ops.pmatmul(x, parts["values"].to(x.device), rows)
-        codes, scale, zero = _qparts(parts, x.device)
-        return ops.qmatmul(x, codes, scale, zero, rows, recipe.bits, recipe.group)
+        codes, scale, zero, rowq = quant_args(parts, x.device)
+        return ops.qmatmul(x, codes, scale, zero, rows, recipe.bits, recipe.group, rowq)
     total, read = _block_reader(ops, parts, recipe, cols, x.device, wide)
     n = rows.shape[0] if rows is not None else total
     xw = x.to(wide)
@@ -119,8 +124,8 @@ def matmul_t(ext: LazyExtension, h: torch.Tensor, parts, recipe: Recipe, cols: i
     if _fused(recipe, parts, h.shape[0]):
         if not recipe.quantized:
             return ops.pmatmul_t(h, parts["values"].to(h.device), rows)
-        codes, scale, zero = _qparts(parts, h.device)
-        return ops.qmatmul_t(h, codes, scale, zero, rows, recipe.bits, recipe.group, cols)
+        codes, scale, zero, rowq = quant_args(parts, h.device)
+        return ops.qmatmul_t(h, codes, scale, zero, rows, recipe.bits, recipe.group, cols, rowq)
     _, read = _block_reader(ops, parts, recipe, cols, h.device, wide)
     hw = h.to(wide)
     out = torch.zeros(h.shape[0], cols, dtype=torch.float32, device=h.device)
@@ -136,5 +141,5 @@ def matmul_t(ext: LazyExtension, h: torch.Tensor, parts, recipe: Recipe, cols: i
 def dequantize(ext: LazyExtension, parts, recipe: Recipe, cols: int, rows: torch.Tensor | None, device):
     """W_base[rows] as float32 [n, cols] on `device` through the compiled dequantiser."""
     ops = ext.load()
-    codes, scale, zero = _qparts(parts, device)
-    return ops.qdequant(codes, scale, zero, rows, recipe.bits, recipe.group, cols)
+    codes, scale, zero, rowq = quant_args(parts, device)
+    return ops.qdequant(codes, scale, zero, rows, recipe.bits, recipe.group, cols, rowq=rowq)

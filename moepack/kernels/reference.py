@@ -12,7 +12,7 @@ import torch
 from moepack.codecs.recipe import Recipe
 
 # Parts whose first dimension is the matrix row (docs/architecture.md, "Codecs").
-ROW_PARTS = frozenset({"values", "codes", "scale", "zero", "nm_index", "lr_u"})
+ROW_PARTS = frozenset({"values", "codes", "scale", "zero", "gscale", "gzero", "rowq", "nm_index", "lr_u"})
 
 
 def select_rows(parts: dict[str, torch.Tensor], rows: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -222,7 +222,7 @@ def measure_errors(x: torch.Tensor, w: dict[str, torch.Tensor], candidates: Sequ
             except CodecError:
                 continue  # e.g. fp16 cannot hold this matrix: never a choice
             hats = [("optimised", w_hat)]
-            if rtn is not None and r.bits is not None and not r.sparse and not r.rank:
+            if rtn is not None and r.bits is not None and not r.sparse and not r.rank and not r.dq:
                 hats.append(("rtn", decode(quantize_rtn(w_p, r.bits, r.group), r, tuple(w_p.shape))))
             for encoder, w_hat in hats:
                 if rows is None:

@@ -25,7 +25,7 @@ from moepack.format.constants import PROJECTIONS
 from moepack.kernels import Backend, matmul, matmul_t, registry, resolve_backend
 from moepack.kernels._build import CPP as CPP_EXT
 from moepack.kernels._build import CUDA as CUDA_EXT
-from moepack.kernels.compiled import FUSED_MAX_T
+from moepack.kernels.compiled import FUSED_MAX_T, quant_args
 
 
 class KernelClock:
@@ -103,10 +103,10 @@ def _fused_ops(backend: Backend, parts: dict, base: Recipe, cols: int, device: t
         return None, None
     ops = ext.load()
     if base.quantized:
-        codes, scale, zero = (parts[k].to(device).contiguous() for k in ("codes", "scale", "zero"))
+        codes, scale, zero, rowq = quant_args(parts, device)  # rowq: q{b}g{G}d metadata, else None
         bits, group = base.bits, base.group
-        return (lambda x, rows: ops.qmatmul(x, codes, scale, zero, rows, bits, group),
-                lambda h, rows: ops.qmatmul_t(h, codes, scale, zero, rows, bits, group, cols))
+        return (lambda x, rows: ops.qmatmul(x, codes, scale, zero, rows, bits, group, rowq),
+                lambda h, rows: ops.qmatmul_t(h, codes, scale, zero, rows, bits, group, cols, rowq))
     values = parts["values"].to(device)
     if values.shape[1] % 32 or backend is not Backend.CPP:
         return None, None

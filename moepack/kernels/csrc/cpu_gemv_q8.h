@@ -49,14 +49,21 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
     const int64_t next = i + R + r < i_end ? (rows ? rows[i + R + r] : i + R + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
     sf[r] = sf_all + r * sfs;
-    const uint16_t* sp = m.scale + row * m.groups;
-    const uint16_t* zp = m.zero + row * m.groups;
     for (int t = 0; t < NT; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+    const RowMeta meta = row_meta(m, row);
     for (int64_t g = 0; g < m.groups; g += 16) {  // the scales as floats; the zero-point term, subtracted
       const int64_t left = m.groups - g;
       const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sp + g));
-      const __m512 sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zp + g)));
+      __m512 s, sz;
+      if (meta.sq == nullptr) {
+        s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, meta.sc + g));
+        sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, meta.ze + g)));
+      } else {  // double-quantised: s = d_s * gscale, z = z_0 + d_z * gzero
+        const __m512 sq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, meta.sq + g)));
+        const __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, meta.zq + g)));
+        s = _mm512_mul_ps(_mm512_set1_ps(meta.ds), sq);
+        sz = _mm512_mul_ps(s, _mm512_fmadd_ps(_mm512_set1_ps(meta.dz), zq, _mm512_set1_ps(meta.z0)));
+      }
       _mm512_storeu_ps(sf[r] + g, s);
       for (int t = 0; t < NT; ++t)
         acc[r][t][1] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.c + t * m.groups + g), acc[r][t][1]);
@@ -151,24 +158,32 @@ inline void q8_block(const moepack_cpu::QMat& m, const moepack_cpu::Q8X& a, cons
     const int64_t next = i + R + r < i_end ? (rows ? rows[i + R + r] : i + R + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
     sf[r] = sf_all + r * sfs;
-    const uint16_t* sp = m.scale + row * m.groups;
-    const uint16_t* zp = m.zero + row * m.groups;
+    const RowMeta meta = row_meta(m, row);
     for (int t = 0; t < NT; ++t) {
       acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
       zsum[r][t] = 0.0f;
     }
     int64_t g = 0;
-    for (; g + 8 <= m.groups; g += 8) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + g)));
-      const __m256 sz = _mm256_mul_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + g))));
+    for (; g + 8 <= m.groups; g += 8) {  // 8 groups at a time
+      __m256 s, sz;
+      if (meta.sq == nullptr) {
+        s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta.sc + g)));
+        sz = _mm256_mul_ps(s, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta.ze + g))));
+      } else {  // double-quantised: s = d_s * gscale, z = z_0 + d_z * gzero
+        const __m256 sq = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta.sq + g))));
+        const __m256 zq = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta.zq + g))));
+        s = _mm256_mul_ps(_mm256_set1_ps(meta.ds), sq);
+        sz = _mm256_mul_ps(s, _mm256_fmadd_ps(_mm256_set1_ps(meta.dz), zq, _mm256_set1_ps(meta.z0)));
+      }
       _mm256_storeu_ps(sf[r] + g, s);
       for (int t = 0; t < NT; ++t)
         acc[r][t][1] = _mm256_fnmadd_ps(sz, _mm256_loadu_ps(a.c + t * m.groups + g), acc[r][t][1]);
     }
     for (; g < m.groups; ++g) {
-      const float s = _cvtsh_ss(sp[g]);
+      float s, z;
+      meta.sz(g, s, z);
       sf[r][g] = s;
-      for (int t = 0; t < NT; ++t) zsum[r][t] += s * _cvtsh_ss(zp[g]) * a.c[t * m.groups + g];
+      for (int t = 0; t < NT; ++t) zsum[r][t] += s * z * a.c[t * m.groups + g];
     }
   }
   const bool uniform = m.group % a.chunk_codes == 0;
@@ -262,12 +277,15 @@ inline void q8_pack(uint8_t* dst, const __m256i* v) {
 // Fills a (its buffers sized by the glue): per token and block of 32 values d = amax / 127 and
 // xq = round(x / d) (the residual round((x / d - xq) * 128) as a second plane when a.plane != 0), the
 // codes' order within each chunk, each lane's block scale (d, or d / 128 with two planes) and group,
-// and c_g = sum over the group of the dequantised activations. scratch: 2 * cols bytes.
+// and c_g = sum over the group of the dequantised activations. A row whose length is not a multiple of
+// 32 is handled as cols32 = cols rounded up to 32: x is zero past cols (the glue pads it), so those
+// activations quantise to 0 and add nothing. scratch: 2 * cols32 bytes.
 void k_q8_prepare(const moepack_cpu::QMat& m, const float* x, int64_t ldx, int64_t T, moepack_cpu::Q8X& a,
                   int8_t* q, float* d, float* c, int32_t* gidx, int32_t* gfirst, uint8_t* scratch) {
   const int K = 8 / m.bits;
   const int64_t cc = a.chunk_codes, lanes = a.lanes, lc = 32 / m.bits, vec = cc / K;
-  const int64_t xs = a.chunks * cc, ds = a.chunks * lanes, blocks = m.cols / 32;
+  const int64_t cols32 = (m.cols + 31) & ~(int64_t)31;
+  const int64_t xs = a.chunks * cc, ds = a.chunks * lanes, blocks = cols32 / 32;
   const bool two = a.plane != 0;
   int64_t g = 0, gnext = m.group;  // group of each lane, by counting (no division per lane)
   for (int64_t ch = 0; ch < a.chunks; ++ch) {
@@ -288,7 +306,7 @@ void k_q8_prepare(const moepack_cpu::QMat& m, const float* x, int64_t ldx, int64
     }
   }
   uint8_t* hi = scratch;
-  uint8_t* lo = scratch + m.cols;
+  uint8_t* lo = scratch + cols32;
   const __m256 sign = _mm256_set1_ps(-0.0f), k128 = _mm256_set1_ps(128.0f);
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
@@ -323,12 +341,12 @@ void k_q8_prepare(const moepack_cpu::QMat& m, const float* x, int64_t ldx, int64
       const int64_t first = 32 * b / lc, count = 32 / lc;  // the lanes of this block (lanes run across chunks)
       for (int64_t l = first; l < first + count; ++l) dt[l] = scale;
     }
-    const int64_t full = m.cols / cc;
+    const int64_t full = cols32 / cc;
     for (int p = 0; p < (two ? 2 : 1); ++p) {
       const uint8_t* src = p ? lo : hi;
       int8_t* dst = qt + p * a.plane;
       for (int64_t ch = 0; ch < a.chunks; ++ch) {
-        const int64_t n = ch < full ? cc : m.cols - ch * cc;
+        const int64_t n = ch < full ? cc : cols32 - ch * cc;
         int8_t* o = dst + ch * cc;
         const uint8_t* in = src + ch * cc;
         if (n < cc)

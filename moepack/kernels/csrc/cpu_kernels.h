@@ -11,6 +11,13 @@
 // use the same kernels, a block of 32 weights widened to fp32 on the fly (exact). Both formats are a
 // `Rows` type with one method, blocks(r, g0, g1, f), calling f(col, w[4]) for each 32-column block of
 // row r in units [g0, g1) (a unit is a quantisation group, or 32 columns of a 16-bit row).
+//
+// Ragged rows (format version 2): a quantised row of any length has ceil(cols/G) groups and
+// ceil(cols*b/8) bytes, so its last group may hold fewer than G codes and its last block fewer than 32.
+// That block is decoded from a zero-filled copy (nothing past the row is read) and handed on whole:
+// its weights past `cols` are finite ((0 - zero) * scale), so callers pad x with zeros to cols32 =
+// cols rounded up to 32 (the glue does), size their buffers to whole units, and store no more than
+// `cols` values (dequant_rows).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -115,6 +122,34 @@ inline V8 widen_fp16(const uint16_t* p) {
 }
 #endif
 
+// The group metadata of one row: sz(g, s, z) gives group g's scale and zero as the reference computes
+// them: fp16 values (gq), or 8-bit codes under the row's fp16 factors (gqd, read once per row here),
+// whose products are exact in fp32, so a fused multiply-add rounds as the reference's multiply-then-add.
+struct RowMeta {
+  const uint16_t* sc;
+  const uint16_t* ze;
+  const uint8_t* sq;  // nullptr: fp16 metadata
+  const uint8_t* zq;
+  float ds, z0, dz;
+  inline void sz(int64_t g, float& s, float& z) const {
+    if (sq == nullptr) {
+      s = half_to_float(sc[g]);
+      z = half_to_float(ze[g]);
+      return;
+    }
+    s = ds * (float)sq[g];
+    z = z0 + dz * (float)zq[g];
+  }
+};
+
+inline RowMeta row_meta(const moepack_cpu::QMat& m, int64_t row) {
+  const int64_t k = row * m.groups;
+  if (m.rowq == nullptr) return RowMeta{m.scale + k, m.zero + k, nullptr, nullptr, 0.0f, 0.0f, 0.0f};
+  const uint16_t* f = m.rowq + row * 3;
+  return RowMeta{nullptr, nullptr, m.gscale + k, m.gzero + k, half_to_float(f[0]), half_to_float(f[1]),
+                 half_to_float(f[2])};
+}
+
 // --- decoding one block of 32 codes ------------------------------------------------------------------
 // Group<B>(scale, zero) builds the group's table; decode(p, w) reads the 4*B bytes at p into w[0..3].
 #if MOEPACK_SIMD
@@ -198,24 +233,35 @@ struct Group {
 // --- the two row formats ---------------------------------------------------------------------------
 template <int B>
 struct QuantRows {
+  moepack_cpu::QMat q;
   const uint8_t* codes;
-  const uint16_t* scale;
-  const uint16_t* zero;
   int64_t row_bytes, groups, group, cols;
   static constexpr int64_t kMaxUnit = 128;  // groups up to this wide take the four-row matmul_t
   explicit QuantRows(const moepack_cpu::QMat& m)
-      : codes(m.codes), scale(m.scale), zero(m.zero), row_bytes(m.row_bytes), groups(m.groups), group(m.group),
-        cols(m.cols) {}
+      : q(m), codes(m.codes), row_bytes(m.row_bytes), groups(m.groups), group(m.group), cols(m.cols) {}
+  // columns of unit g that blocks() visits: G, or for a ragged last group its length rounded up to 32
+  inline int64_t unit_width(int64_t g) const { return imin(group, ((cols + 31) & ~(int64_t)31) - g * group); }
   template <class F>
   inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
     const uint8_t* c = codes + r * row_bytes;
-    const uint16_t* sc = scale + r * groups;
-    const uint16_t* ze = zero + r * groups;
+    const RowMeta meta = row_meta(q, r);
     for (int64_t g = g0; g < g1; ++g) {
-      const Group<B> grp(half_to_float(sc[g]), half_to_float(ze[g]));
-      for (int64_t col = g * group; col < (g + 1) * group; col += 32) {
+      float s, z;
+      meta.sz(g, s, z);
+      const Group<B> grp(s, z);
+      const int64_t end = imin((g + 1) * group, cols);
+      int64_t col = g * group;
+      for (; col + 32 <= end; col += 32) {
         V8 w[4];
         grp.decode(c + col * B / 8, w);
+        f(col, w);
+      }
+      if (col < end) {  // the row's last, partial block: decoded from a zero-filled copy of its bytes
+        uint8_t buf[4 * B];
+        memset(buf, 0, sizeof(buf));
+        memcpy(buf, c + col * B / 8, (size_t)(row_bytes - col * B / 8));
+        V8 w[4];
+        grp.decode(buf, w);
         f(col, w);
       }
     }
@@ -228,6 +274,7 @@ struct WideRows {
   int64_t ld, groups, cols;
   static constexpr int64_t group = 32, kMaxUnit = 32;
   explicit WideRows(const moepack_cpu::WMat& m) : data(m.data), ld(m.ld), groups(m.groups), cols(m.cols) {}
+  inline int64_t unit_width(int64_t) const { return 32; }
   template <class F>
   inline void blocks(int64_t r, int64_t g0, int64_t g1, F&& f) const {
     const uint16_t* p = data + r * ld;
@@ -313,9 +360,10 @@ inline void matmul_t_rows(const M& m, const float* h, int64_t T, const int64_t* 
         for (int j = 0; j < 4; ++j) w[r][k + j] = b[j];
       });
     }
+    const int64_t kend = m.unit_width(g) / 8;  // a ragged last group fills only part of w
     for (int64_t t = 0; t < T; ++t) {
       float* a = acc + t * ldacc + (g * m.group - c0);
-      for (int64_t k = 0; k < m.group / 8; ++k) {
+      for (int64_t k = 0; k < kend; ++k) {
         V8 s = v_load(a + 8 * k);
 #pragma GCC unroll 4
         for (int r = 0; r < NR; ++r) s = v_fma(w[r][k], hv[r][t], s);
@@ -361,8 +409,14 @@ void dequant_rows(const M& m, const int64_t* rows, int64_t i0, int64_t i1, Out* 
   for (int64_t i = i0; i < i1; ++i) {
     Out* o = out + i * m.cols;
     m.blocks(row_of(rows, i), 0, m.groups, [&](int64_t col, const V8* w) {
+      if (col + 32 <= m.cols) {
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) store_out(o + col + 8 * j, w[j]);
+        for (int j = 0; j < 4; ++j) store_out(o + col + 8 * j, w[j]);
+        return;
+      }
+      Out tmp[32];  // the row's partial last block: only its first cols - col values are stored
+      for (int j = 0; j < 4; ++j) store_out(tmp + 8 * j, w[j]);
+      for (int64_t j = 0; j < m.cols - col; ++j) o[col + j] = tmp[j];
     });
   }
 }

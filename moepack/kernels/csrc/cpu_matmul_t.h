@@ -11,20 +11,18 @@
 namespace {
 
 // The NR rows starting at i of a matmul_t tile: their codes, the codes of the next NR rows (prefetched:
-// pages restart the hardware prefetcher), their scales and zeros, and their weights h[t][i + r].
+// pages restart the hardware prefetcher), their group metadata, and their weights h[t][i + r].
 // False when every weight is zero (the rows add nothing).
 template <int NT, int NR>
 inline bool mt_row_setup(const moepack_cpu::QMat& m, const float* h, int64_t n, const int64_t* rows, int64_t i,
-                         const uint8_t** cp, const uint8_t** pf, const uint16_t** sp, const uint16_t** zp,
-                         float (*hv)[NT]) {
+                         const uint8_t** cp, const uint8_t** pf, RowMeta* ri, float (*hv)[NT]) {
   bool any = false;
   for (int r = 0; r < NR; ++r) {
     const int64_t row = rows ? rows[i + r] : i + r;
     cp[r] = m.codes + row * m.row_bytes;
     const int64_t next = i + NR + r < n ? (rows ? rows[i + NR + r] : i + NR + r) : row;
     pf[r] = m.codes + next * m.row_bytes;
-    sp[r] = m.scale + row * m.groups;
-    zp[r] = m.zero + row * m.groups;
+    ri[r] = row_meta(m, row);
     for (int t = 0; t < NT; ++t) {
       hv[r][t] = h[t * n + i + r];
       any |= hv[r][t] != 0.0f;
@@ -47,10 +45,9 @@ inline void mt_rows_512(const moepack_cpu::QMat& m, const float* h, int64_t n, c
   constexpr int K = 8 / B, BLK = 16 * K;
   const uint8_t* cp[NR];
   const uint8_t* pf[NR];
-  const uint16_t* sp[NR];
-  const uint16_t* zp[NR];
+  RowMeta ri[NR];
   float hv[NR][NT];
-  if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, sp, zp, hv)) return;
+  if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, ri, hv)) return;
   const __m512 iota = B == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
                              : _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
   const int64_t c0 = g0 * m.group;
@@ -58,8 +55,9 @@ inline void mt_rows_512(const moepack_cpu::QMat& m, const float* h, int64_t n, c
     __m512 tbl[NR][NT];
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const __m512 w = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(_cvtsh_ss(zp[r][g]))),
-                                     _mm512_set1_ps(_cvtsh_ss(sp[r][g])));
+      float s, z;
+      ri[r].sz(g, s, z);
+      const __m512 w = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) tbl[r][t] = _mm512_mul_ps(w, _mm512_set1_ps(hv[r][t]));
     }
@@ -122,8 +120,8 @@ void mt_any_512(const moepack_cpu::QMat& m, const float* h, int64_t nt, const in
   }
 }
 
-void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
-                      int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
+void mt_whole_groups(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
+                     int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
   if (m.bits == 4)
     mt_any_512<4>(m, h, nt, rows, n, g0, g1, acc, ldacc);
   else if (m.bits == 2 && m.group % 64 == 0)
@@ -144,15 +142,15 @@ inline void mt_rows_256(const moepack_cpu::QMat& m, const float* h, int64_t n, c
   const __m256i low = _mm256_set1_epi32((1 << B) - 1);
   const uint8_t* cp[NR];
   const uint8_t* pf[NR];
-  const uint16_t* sp[NR];
-  const uint16_t* zp[NR];
+  RowMeta ri[NR];
   float hv[NR][NT];
-  if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, sp, zp, hv)) return;
+  if (!mt_row_setup<NT, NR>(m, h, n, rows, i, cp, pf, ri, hv)) return;
   const int64_t c0 = g0 * m.group, tg = g1 - g0;
   for (int64_t g = g0; g < g1; ++g) {
     __m256 a[NR][NT];
     for (int r = 0; r < NR; ++r) {
-      const float s = _cvtsh_ss(sp[r][g]), z = _cvtsh_ss(zp[r][g]);
+      float s, z;
+      ri[r].sz(g, s, z);
       for (int t = 0; t < NT; ++t) {
         const float hs = hv[r][t] * s;
         a[r][t] = _mm256_set1_ps(hs);
@@ -222,8 +220,8 @@ void mt_any_256(const moepack_cpu::QMat& m, const float* h, int64_t nt, const in
   }
 }
 
-void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
-                      int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
+void mt_whole_groups(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
+                     int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
   const int64_t passes_t = nt < 4 ? nt : 4;
   if ((m.bits == 4 || m.bits == 2) && (g1 - g0) * passes_t <= 256)
     m.bits == 4 ? mt_any_256<4>(m, h, nt, rows, n, g0, g1, acc, ldacc)
@@ -232,5 +230,14 @@ void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, co
     k_qmatmul_t(m, h, nt, rows, n, g0, g1, acc, ldacc);
 }
 #endif
+
+// The vector kernels above read whole groups of codes; a ragged last group (cols % group != 0) goes
+// through the LUT kernel, which decodes the row's partial last block from a copy.
+void k_qmatmul_t_fast(const moepack_cpu::QMat& m, const float* h, int64_t nt, const int64_t* rows, int64_t n,
+                      int64_t g0, int64_t g1, float* acc, int64_t ldacc) {
+  const int64_t whole = m.cols / m.group, gm = g1 < whole ? g1 : (g0 > whole ? g0 : whole);
+  if (gm > g0) mt_whole_groups(m, h, nt, rows, n, g0, gm, acc, ldacc);
+  if (g1 > gm) k_qmatmul_t(m, h, nt, rows, n, gm, g1, acc + (gm - g0) * m.group, ldacc);
+}
 
 }  // namespace

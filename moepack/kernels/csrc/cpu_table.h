@@ -10,14 +10,22 @@
 
 namespace moepack_cpu {
 
-// A group-quantised matrix: codes uint8 [rows, row_bytes] (little-endian bitstream of `bits`-bit codes),
-// scale and zero fp16 [rows, groups]; w = (q - zero) * scale.
+// A group-quantised matrix: codes uint8 [rows, row_bytes] (little-endian bitstream of `bits`-bit codes,
+// row_bytes = ceil(cols * bits / 8)), scale and zero fp16 [rows, groups] with groups = ceil(cols / group)
+// (any cols: the last group may be ragged); w = (q - zero) * scale. The activations x handed to qmatmul,
+// q8_prepare and q8_matmul have ldx >= cols rounded up to 32, zero past cols (the glue pads them).
+// With double-quantised metadata (recipe q{b}g{G}d, rowq != nullptr) scale and zero are null and group j
+// of row r has s = d_s * gscale[r, j], z = z_0 + d_z * gzero[r, j], rowq[r] = (d_s, z_0, d_z) fp16
+// (RowMeta in cpu_kernels.h; both products are exact in fp32).
 struct QMat {
   const uint8_t* codes;
   const uint16_t* scale;
   const uint16_t* zero;
   int64_t row_bytes, groups, group, cols;
   int bits;
+  const uint8_t* gscale = nullptr;  // u8 [rows, groups]
+  const uint8_t* gzero = nullptr;   // u8 [rows, groups]
+  const uint16_t* rowq = nullptr;   // fp16 [rows, 3]
 };
 
 // A bf16 (bf16 = true) or fp16 matrix with row stride ld elements and cols a multiple of 32.

@@ -1,8 +1,12 @@
 // Fused dequantise-and-multiply for moepack group quantisation (q2/q3/q4, groups of a multiple of 32) and
 // bf16/fp16 passthrough on the CPU: the ATen glue, thread partitioning and run-time ISA dispatch.
 //
-// Payload (docs/architecture.md, "Codecs"): codes uint8 [rows, cols*b/8] (a little-endian bitstream per
-// row), scale fp16 [rows, cols/G], zero fp16 [rows, cols/G]; w = (q - zero) * scale, computed in fp32.
+// Payload (docs/format.md, "Codecs"): codes uint8 [rows, ceil(cols*b/8)] (a little-endian bitstream per
+// row), scale fp16 [rows, ceil(cols/G)], zero fp16 [rows, ceil(cols/G)]; w = (q - zero) * scale, computed
+// in fp32. Any cols: the last group may be ragged (format version 2); x is then padded with zeros to a
+// multiple of 32 columns for the products (cpu_table.h). Double-quantised metadata (recipe q{b}g{G}d): pass
+// the u8 codes gscale and gzero as scale and zero and the fp16 [rows, 3] factors as `rowq`; the kernels
+// compute each group's scale and zero from them as they go (group_sz), nothing is expanded beforehand.
 //
 // The kernels are compiled once per instruction set (isa_*.cpp: generic, avx2, avx512, avx512_vnni) and
 // the best table the CPU supports is chosen when the library loads (__builtin_cpu_supports), so one build
@@ -115,25 +119,36 @@ std::string set_isa(const std::string& name) {
 
 // --- argument checking -------------------------------------------------------------------------------
 QMat check_quant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-                 int64_t group, int64_t cols) {
+                 int64_t group, int64_t cols, const c10::optional<at::Tensor>& rowq) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "moepack_cpu: bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(group > 0 && group % 32 == 0, "moepack_cpu: group must be a positive multiple of 32, got ", group);
-  TORCH_CHECK(cols > 0 && cols % group == 0, "moepack_cpu: cols (", cols, ") must be a multiple of group ", group);
+  TORCH_CHECK(cols > 0, "moepack_cpu: cols must be positive, got ", cols);
   TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu() && zero.device().is_cpu(),
               "moepack_cpu: tensors must be on the CPU");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
               "moepack_cpu: codes must be a contiguous uint8 matrix");
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  zero.is_contiguous(),
-              "moepack_cpu: scale and zero must be contiguous float16");
-  const int64_t rows = codes.size(0), groups = cols / group;
-  TORCH_CHECK(codes.size(1) == cols * bits / 8, "moepack_cpu: codes has ", codes.size(1), " bytes per row, expected ",
-              cols * bits / 8);
+  const bool dq = rowq.has_value();
+  const auto meta = dq ? at::kByte : at::kHalf;
+  TORCH_CHECK(scale.scalar_type() == meta && zero.scalar_type() == meta && scale.is_contiguous() && zero.is_contiguous(),
+              "moepack_cpu: scale and zero must be contiguous ", dq ? "uint8 codes (with rowq)" : "float16");
+  const int64_t rows = codes.size(0), groups = (cols + group - 1) / group, row_bytes = (cols * bits + 7) / 8;
+  TORCH_CHECK(codes.size(1) == row_bytes, "moepack_cpu: codes has ", codes.size(1), " bytes per row, expected ",
+              row_bytes);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == groups && zero.sizes() == scale.sizes(),
               "moepack_cpu: scale and zero must be [", rows, ", ", groups, "]");
-  return QMat{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
-              reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()), cols * bits / 8, groups, group, cols,
-              (int)bits};
+  if (!dq)
+    return QMat{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+                reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>()), row_bytes, groups, group, cols,
+                (int)bits};
+  const at::Tensor& f = *rowq;
+  TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == at::kHalf && f.is_contiguous() && f.dim() == 2 &&
+                  f.size(0) == rows && f.size(1) == 3,
+              "moepack_cpu: rowq must be a contiguous float16 [", rows, ", 3] CPU tensor");
+  QMat m{codes.data_ptr<uint8_t>(), nullptr, nullptr, row_bytes, groups, group, cols, (int)bits};
+  m.gscale = scale.data_ptr<uint8_t>();
+  m.gzero = zero.data_ptr<uint8_t>();
+  m.rowq = reinterpret_cast<const uint16_t*>(f.data_ptr<at::Half>());
+  return m;
 }
 
 WMat check_wide(const at::Tensor& w) {
@@ -173,13 +188,14 @@ struct Q8Buffers {
 
 void q8_prepare(const Table& tb, const QMat& m, int planes, const float* x, int64_t ldx, int64_t T, Q8Buffers& b) {
   const int64_t chunk_codes = (int64_t)tb.q8_vec * (8 / m.bits), lanes = tb.q8_vec / 4;
-  const int64_t chunks = (m.cols + chunk_codes - 1) / chunk_codes, xs = chunks * chunk_codes;
+  const int64_t cols32 = (m.cols + 31) / 32 * 32;
+  const int64_t chunks = (cols32 + chunk_codes - 1) / chunk_codes, xs = chunks * chunk_codes;
   b.q.resize(planes * T * xs);
   b.d.resize(T * chunks * lanes);
   b.c.resize(T * m.groups);
   b.gidx.resize(chunks * lanes);
   b.gfirst.resize(chunks);
-  b.scratch.resize(2 * m.cols);
+  b.scratch.resize(2 * cols32);
   b.view = Q8X{b.q.data(), b.d.data(), b.c.data(), b.gidx.data(), b.gfirst.data(), chunks, chunk_codes, lanes,
                planes == 2 ? T * xs : 0};
   tb.q8_prepare(m, x, ldx, T, b.view, b.q.data(), b.d.data(), b.c.data(), b.gidx.data(), b.gfirst.data(),
@@ -221,11 +237,23 @@ at::Tensor check_x(const at::Tensor& x, int64_t cols, const char* op) {
   return x.contiguous();
 }
 
+// x [T, cols] contiguous, or zero-padded to a multiple of 32 columns when cols is not one (the kernels
+// read whole blocks of 32 activations; cpu_table.h). Returns the row stride.
+at::Tensor padded_x(const at::Tensor& xc, int64_t cols, int64_t* ldx) {
+  *ldx = (cols + 31) / 32 * 32;
+  if (*ldx == cols) return xc;
+  at::Tensor p = at::zeros({xc.size(0), *ldx}, xc.options());
+  p.narrow(1, 0, cols).copy_(xc);
+  return p;
+}
+
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                   const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group) {
+                   const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group,
+                   const c10::optional<at::Tensor>& rowq) {
   TORCH_CHECK(x.dim() == 2, "moepack_cpu.qmatmul: x must be a float32 CPU matrix [T, cols]");
-  const QMat m = check_quant(codes, scale, zero, bits, group, x.size(1));
-  const at::Tensor xc = check_x(x, m.cols, "qmatmul");
+  const QMat m = check_quant(codes, scale, zero, bits, group, x.size(1), rowq);
+  int64_t ldx;
+  const at::Tensor xc = padded_x(check_x(x, m.cols, "qmatmul"), m.cols, &ldx);
   int64_t n;
   const int64_t* r = check_rows(rows, codes.size(0), &n);
   const int64_t T = xc.size(0);
@@ -237,7 +265,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int planes = g_q8.load(std::memory_order_relaxed);
   if (tb.q8_matmul != nullptr && bits != 3 && planes > 0) {
     Q8Buffers b;
-    q8_prepare(tb, m, planes, xp, m.cols, T, b);
+    q8_prepare(tb, m, planes, xp, ldx, T, b);
     const int64_t xs = b.view.chunks * b.view.chunk_codes, ds = b.view.chunks * b.view.lanes;
     for_token_blocks(T, [&](int64_t t0, int nt) {
       Q8X v = b.view;
@@ -253,7 +281,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   }
   for_token_blocks(T, [&](int64_t t0, int nt) {
     parallel_rows(n, [&](int64_t i0, int64_t i1) {
-      tb.qmatmul(m, xp + t0 * m.cols, m.cols, nt, r, i0, i1, op + t0 * n, n);
+      tb.qmatmul(m, xp + t0 * ldx, ldx, nt, r, i0, i1, op + t0 * n, n);
     });
   });
   return out;
@@ -305,7 +333,7 @@ at::Tensor rows_matmul_t(const M& m, int64_t unit, const at::Tensor& h, int64_t 
       std::vector<float> buf(nt * ldacc);
       for (int64_t k = begin; k < end; ++k) {
         const int64_t g0 = k * tile_units, g1 = std::min(units, g0 + tile_units);
-        const int64_t c0 = g0 * unit, width = (g1 - g0) * unit;
+        const int64_t c0 = g0 * unit, width = std::min(g1 * unit, m.cols) - c0;  // a ragged last unit
         std::fill(buf.begin(), buf.end(), 0.0f);
         tile(hp, nt, r, n, g0, g1, buf.data(), ldacc);
         for (int64_t tt = 0; tt < nt; ++tt) std::memcpy(o + tt * m.cols + c0, buf.data() + tt * ldacc, width * sizeof(float));
@@ -316,8 +344,9 @@ at::Tensor rows_matmul_t(const M& m, int64_t unit, const at::Tensor& h, int64_t 
 }
 
 at::Tensor qmatmul_t(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                     const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols) {
-  const QMat m = check_quant(codes, scale, zero, bits, group, cols);
+                     const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols,
+                     const c10::optional<at::Tensor>& rowq) {
+  const QMat m = check_quant(codes, scale, zero, bits, group, cols, rowq);
   const Table& tb = table();
   return rows_matmul_t(m, m.group, h, codes.size(0), rows, "qmatmul_t",
                        [&](const float* hp, int64_t nt, const int64_t* r, int64_t n, int64_t g0, int64_t g1,
@@ -333,8 +362,9 @@ at::Tensor pmatmul_t(const at::Tensor& h, const at::Tensor& w, const c10::option
 }
 
 at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols, bool bf16) {
-  const QMat m = check_quant(codes, scale, zero, bits, group, cols);
+                    const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols, bool bf16,
+                    const c10::optional<at::Tensor>& rowq) {
+  const QMat m = check_quant(codes, scale, zero, bits, group, cols, rowq);
   int64_t n;
   const int64_t* r = check_rows(rows, codes.size(0), &n);
   at::Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
@@ -352,13 +382,15 @@ at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::
 }  // namespace
 
 TORCH_LIBRARY(moepack_cpu, m) {
-  m.def("qmatmul(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group) -> Tensor");
   m.def(
-      "qmatmul_t(Tensor h, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols) "
-      "-> Tensor");
+      "qmatmul(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, "
+      "Tensor? rowq=None) -> Tensor");
   m.def(
-      "qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, bool bf16=False) "
-      "-> Tensor");
+      "qmatmul_t(Tensor h, Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, "
+      "Tensor? rowq=None) -> Tensor");
+  m.def(
+      "qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, bool bf16=False, "
+      "Tensor? rowq=None) -> Tensor");
   m.def("pmatmul(Tensor x, Tensor w, Tensor? rows) -> Tensor");
   m.def("pmatmul_t(Tensor h, Tensor w, Tensor? rows) -> Tensor");
   m.def("isa() -> str", [] { return std::string(table().name); });
