@@ -148,14 +148,18 @@ def test_pack_generation_same_through_both_paths(baby, tmp_path, family, kw):
     assert runs["fused"][3] == "fused C++ layer op"
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "q4g32", "q3g32", "q2g64", "q4g32+r4"])
+@pytest.mark.parametrize("recipe", ["bf16", "q4g32", "q3g32", "q2g64", "q4g32+r4", "q4g64@160", "q2g64d", "q4g128d"])
 def test_experts_op_equals_expert_by_expert(baby, tmp_path, recipe):
     """`moe_token` (one token's experts in one call) against the executor's one-by-one products on random
-    inputs: the same ops in the same order, so the same bits. A low-rank recipe is not run by the op."""
+    inputs: the same ops in the same order, so the same bits (ragged groups and 8-bit metadata too: q4g64 on
+    a hidden size of 160, the d recipes). A low-rank recipe is not run by the op."""
     from moepack.compress import compress
     from moepack.runtime.api import MoePackModel
 
-    pack = compress(str(baby("qwen3_moe", num_hidden_layers=2)), tmp_path / "p.moepack", recipe=recipe).path
+    recipe, _, hidden = recipe.partition("@")
+    shape = {"hidden_size": int(hidden)} if hidden else {}
+    pack = compress(str(baby("qwen3_moe", num_hidden_layers=2, **shape)), tmp_path / "p.moepack",
+                    recipe=recipe).path
     model = MoePackModel.load(pack, device="cpu", context=32)
     ex, spec = model.executor, model.spec
     op = ex.mix_op

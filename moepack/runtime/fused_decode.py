@@ -31,6 +31,7 @@ import torch
 from moepack.codecs.recipe import as_recipe
 from moepack.kernels import Backend, resolve_backend
 from moepack.kernels._build import CPP
+from moepack.kernels.compiled import quant_args
 from moepack.runtime.layers import rms_norm
 from moepack.runtime.prepared import CLOCK, Projection
 
@@ -190,11 +191,9 @@ def _projection_args(proj, backend: Backend) -> tuple[list[torch.Tensor], list[i
         return None
     if resolve_backend(backend, recipe, torch.device("cpu")) is not Backend.CPP:
         return None
-    if recipe.quantized:
-        if recipe.group % 32 or cols % recipe.group:
-            return None
-        parts = [tensors[k].contiguous() for k in ("codes", "scale", "zero")]
-        return parts, [1, recipe.bits, recipe.group, cols]
+    if recipe.quantized:  # the same qmatmul ops as the one-by-one path, ragged rows and 8-bit metadata too
+        parts = [t for t in quant_args(tensors, torch.device("cpu")) if t is not None]
+        return parts, [len(parts) - 2, recipe.bits, recipe.group, cols]
     values = tensors["values"]
     if recipe.dtype not in ("bf16", "fp16") or values.shape[1] % 32 or values.stride(-1) != 1:
         return None

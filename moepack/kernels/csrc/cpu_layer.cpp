@@ -353,12 +353,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_la
 // with each projection run by this library's own ops (pmatmul / qmatmul, pmatmul_t / qmatmul_t) through the
 // dispatcher, so the numbers are those of the Python executor (runtime/expert_compute.expert_ffn) calling
 // the same ops one by one. meta holds 4 ints per projection (gate, up, down of each expert): kind (0: a
-// bf16/fp16 matrix, one part `values`; 1: group-quantised, three parts codes, scale, zero), bits, group, cols.
+// bf16/fp16 matrix, one part `values`; 1: group-quantised, three parts codes, scale, zero; 2: group-quantised
+// with 8-bit metadata, four parts codes, gscale, gzero, rowq), bits, group, cols.
 using MM = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
 using QM = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const c10::optional<at::Tensor>&, int64_t, int64_t);
+                      const c10::optional<at::Tensor>&, int64_t, int64_t, const c10::optional<at::Tensor>&);
 using QMT = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t);
+                       const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                       const c10::optional<at::Tensor>&);
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
@@ -383,11 +385,13 @@ at::Tensor moe_token(const at::Tensor& x, at::TensorList parts, at::IntArrayRef 
       const at::Tensor& w = parts[p++];
       return transposed ? pmt.call(in, w, none) : pm.call(in, w, none);
     }
-    check(m[0] == 1 && p + 3 <= parts.size(), "moe_token: bad projection kind or too few parts");
+    const size_t n = m[0] == 2 ? 4 : 3;
+    check((m[0] == 1 || m[0] == 2) && p + n <= parts.size(), "moe_token: bad projection kind or too few parts");
     const at::Tensor &codes = parts[p], &scale = parts[p + 1], &zero = parts[p + 2];
-    p += 3;
-    return transposed ? qmt.call(in, codes, scale, zero, none, m[1], m[2], m[3])
-                      : qm.call(in, codes, scale, zero, none, m[1], m[2]);
+    const c10::optional<at::Tensor> rowq = n == 4 ? c10::optional<at::Tensor>(parts[p + 3]) : none;
+    p += n;
+    return transposed ? qmt.call(in, codes, scale, zero, none, m[1], m[2], m[3], rowq)
+                      : qm.call(in, codes, scale, zero, none, m[1], m[2], rowq);
   };
   at::Tensor out;
   for (int64_t e = 0; e < experts; ++e) {
