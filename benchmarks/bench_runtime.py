@@ -125,10 +125,12 @@ def method_text(m: dict) -> str:
         f"reuse with bypass); bytes moved / token is expert bytes loaded or streamed per decoded token. Peak RSS includes the interpreter, torch, "
         f"the checkpoint's mapped pages (transformers) and the experts read from the pack (moepack). The cores are shared with other work: 1-minute load "
         f"average {m['load'][0]:.1f} at the start and {m['load'][1]:.1f} at the end"
-        + (". With more runnable work than cores, two OpenMP threads stall at every barrier whenever one core is "
-           "taken, so the 2-thread rows mostly measure the machine's load, and ratios are only meaningful between "
-           "neighbouring rows." if max(m["load"]) > (os.cpu_count() or 2) else
-           "; compare rows of this table, not absolute numbers across runs."))
+        + ("; compare rows of this table, not absolute numbers across runs." if max(m["load"]) <= (os.cpu_count() or 2)
+           else ". With more runnable work than cores, two OpenMP threads stall at every barrier whenever one core "
+           "is taken, so the 2-thread rows mostly measure the machine's load, and ratios are only meaningful "
+           "between neighbouring rows." if max(m["threads"]) > 1 else
+           ". With more runnable work than cores, one thread also waits for a core at times: ratios are only "
+           "meaningful between neighbouring rows, not absolute numbers across runs."))
 
 
 def render(m: dict) -> str:

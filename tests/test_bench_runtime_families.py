@@ -78,7 +78,9 @@ def test_family_rows_are_compared_with_their_own_transformers_row(tmp_path):
     assert re.search(r"^\| GPT-OSS: transformers bf16, whole \| 1 \| 1\.00 kB \| .* \| 1\.00x \|", text, re.M)
     assert "| GPT-OSS: moepack q4g128 pack, whole | 1 | - |" in text and "failed: exit 1: boom" in text
     assert "load average 1.5 at the start and 2.5 at the end" in text
-    assert "- DeepSeek-V3: " in text and "- GPT-OSS: " in text
+    assert "2-thread rows" not in text  # one thread count measured
+    assert "- DeepSeek-V3 (transformers' DeepseekV3ForCausalLM)" in text
+    assert "- GPT-OSS (transformers' GptOssForCausalLM)" in text
 
 
 def test_unknown_family_is_refused():
