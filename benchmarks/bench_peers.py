@@ -48,7 +48,7 @@ from benchmarks.peers.common import (
     pack,
     run_worker,
     token_ids,
-    toy_checkpoint,
+    toy_mixtral,
     weight_bytes,
 )
 from benchmarks.peers.wide import PAIRS, measure_wide, merge_pairs, render_wide
@@ -68,7 +68,7 @@ def random_model() -> tuple[Path, str]:
 
 
 def toy_model() -> tuple[Path, str] | None:
-    toy = toy_checkpoint()
+    toy = toy_mixtral()
     if toy is None:
         return None
     cfg = json.loads((toy / "config.json").read_text())

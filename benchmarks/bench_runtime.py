@@ -41,6 +41,7 @@ from benchmarks.peers.common import (
     pack,
     run_worker,
     token_ids,
+    toy_mixtral,
     weight_bytes,
 )
 from benchmarks.report import markdown_table, update_section
@@ -84,33 +85,37 @@ def measure(cfg: ModelConfig, *, threads: list[int], repeats: int, new_tokens: i
             "threads": threads, "repeats": repeats, "new_tokens": new_tokens, "fraction": fraction}
 
 
-def render(m: dict) -> str:
-    cfg, res = m["cfg"], m["results"]
-    headers = ["configuration", "threads", "weights on disk", "TTFT ms", "decode tok/s", "decode vs transformers",
-               "expert slots", "cache hit rate", "bytes moved / token", "peak RSS"]
+HEADERS = ["configuration", "threads", "weights on disk", "TTFT ms", "decode tok/s", "decode vs transformers",
+           "expert slots", "cache hit rate", "bytes moved / token", "peak RSS"]
+
+
+def table_rows(m: dict, t: int, *, prefix: str = "") -> list[list[object]]:
+    """The runtime table's rows of measurement `m` at `t` threads; ratios are against the transformers row of
+    the same measurement and thread count. `prefix` goes before every configuration label."""
+    res = m["results"]
+    group = [r for r in res if r.get("threads") == t or (r.get("error") and r.get("threads") is None)]
+    base = next((r for r in group if r.get("system") == "transformers" and "error" not in r), None)
     rows = []
-    for t in m["threads"]:
-        group = [r for r in res if r.get("threads") == t or (r.get("error") and r.get("threads") is None)]
-        base = next((r for r in group if r.get("system") == "transformers" and "error" not in r), None)
-        for r in group:
-            if "error" in r:
-                rows.append([r.get("label"), t, "-", "-", "-", "-", "-", "-", "-", f"failed: {r['error'][:80]}"])
-                continue
-            ratio = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if base else "-"
-            slots = (f"{r['expert_slots']}/{r['total_experts']}" if r.get("expert_slots") is not None
-                     else ("all" if r["system"] == "moepack" else "-"))
-            size = weight_bytes(Path(m["ck"] if r["system"] == "transformers" else
-                                     m["packs"]["bf16" if "bf16 pack" in r["label"] else "q4g128"]))
-            rows.append([r["label"], t, fmt_bytes(size), f"{r['ttft_s'] * 1e3:.0f}", f"{r['decode_tps']:.2f}", ratio,
-                         slots, fmt(r.get("cache_hit_rate"), ".1%") if r["system"] == "moepack" else "-",
-                         fmt_bytes(r.get("bytes_moved_per_token")) if r["system"] == "moepack" else "-",
-                         fmt_bytes(r["peak_rss_bytes"])])
-    text = [
-        f"Model: generated Mixtral layout (random weights), hidden {cfg.hidden}, expert intermediate "
-        f"{cfg.intermediate}, {cfg.layers} layers x {cfg.experts} experts (top-2), vocab {cfg.vocab}, "
-        f"{cfg.dtype}; {fmt_bytes(cfg.expert_bytes)} of experts in the checkpoint"
-        + (" (the issue's suggested size)." if cfg == FULL else " (--quick: scaled down from the issue's size)."),
-        "",
+    for r in group:
+        if "error" in r:
+            rows.append([prefix + str(r.get("label")), t, "-", "-", "-", "-", "-", "-", "-",
+                         f"failed: {r['error'][:80]}"])
+            continue
+        ratio = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if base else "-"
+        slots = (f"{r['expert_slots']}/{r['total_experts']}" if r.get("expert_slots") is not None
+                 else ("all" if r["system"] == "moepack" else "-"))
+        size = weight_bytes(Path(m["ck"] if r["system"] == "transformers" else
+                                 m["packs"]["bf16" if "bf16 pack" in r["label"] else "q4g128"]))
+        rows.append([prefix + r["label"], t, fmt_bytes(size), f"{r['ttft_s'] * 1e3:.0f}", f"{r['decode_tps']:.2f}",
+                     ratio, slots, fmt(r.get("cache_hit_rate"), ".1%") if r["system"] == "moepack" else "-",
+                     fmt_bytes(r.get("bytes_moved_per_token")) if r["system"] == "moepack" else "-",
+                     fmt_bytes(r["peak_rss_bytes"])])
+    return rows
+
+
+def method_text(m: dict) -> str:
+    """How the runtime table's rows are measured, with the machine's load during measurement `m`."""
+    return (
         f"Each row is its own process, `torch.set_num_threads(threads)`; prompt {m['prompt_tokens']} tokens, "
         f"{m['new_tokens']} new tokens greedy (no early stop), medians over {m['repeats']} runs after one warm-up. "
         f"transformers runs a manual greedy loop with its KV cache (prefill timed apart from decode). "
@@ -120,12 +125,26 @@ def render(m: dict) -> str:
         f"reuse with bypass); bytes moved / token is expert bytes loaded or streamed per decoded token. Peak RSS includes the interpreter, torch, "
         f"the checkpoint's mapped pages (transformers) and the experts read from the pack (moepack). The cores are shared with other work: 1-minute load "
         f"average {m['load'][0]:.1f} at the start and {m['load'][1]:.1f} at the end"
-        + (". With more runnable work than cores, two OpenMP threads stall at every barrier whenever one core is "
-           "taken, so the 2-thread rows mostly measure the machine's load, and ratios are only meaningful between "
-           "neighbouring rows." if max(m["load"]) > (os.cpu_count() or 2) else
-           "; compare rows of this table, not absolute numbers across runs."),
+        + ("; compare rows of this table, not absolute numbers across runs." if max(m["load"]) <= (os.cpu_count() or 2)
+           else ". With more runnable work than cores, two OpenMP threads stall at every barrier whenever one core "
+           "is taken, so the 2-thread rows mostly measure the machine's load, and ratios are only meaningful "
+           "between neighbouring rows." if max(m["threads"]) > 1 else
+           ". With more runnable work than cores, one thread also waits for a core at times: ratios are only "
+           "meaningful between neighbouring rows, not absolute numbers across runs."))
+
+
+def render(m: dict) -> str:
+    cfg = m["cfg"]
+    rows = [row for t in m["threads"] for row in table_rows(m, t)]
+    text = [
+        f"Model: generated Mixtral layout (random weights), hidden {cfg.hidden}, expert intermediate "
+        f"{cfg.intermediate}, {cfg.layers} layers x {cfg.experts} experts (top-2), vocab {cfg.vocab}, "
+        f"{cfg.dtype}; {fmt_bytes(cfg.expert_bytes)} of experts in the checkpoint"
+        + (" (the issue's suggested size)." if cfg == FULL else " (--quick: scaled down from the issue's size)."),
         "",
-        markdown_table(headers, rows),
+        method_text(m),
+        "",
+        markdown_table(HEADERS, rows),
     ]
     return "\n".join(text)
 
@@ -165,22 +184,6 @@ def measure_host(*, repeats: int, new_tokens: int) -> dict:
             "budget": budget,
             "load": (load0, os.getloadavg()[0]), "repeats": repeats, "new_tokens": new_tokens,
             "prompt_tokens": len(base["prompt_ids"])}
-
-
-def toy_mixtral() -> Path | None:
-    """The trained toy Mixtral in the cache (the targets are set on it), newest first; other trained toys
-    (other families, written by other benchmarks) are left out."""
-    cache = Path(os.environ.get("MOEPACK_CACHE") or Path.home() / ".cache" / "moepack") / "toy-model"
-    done = []
-    for d in cache.glob("*-*"):
-        try:
-            if (d / "moepack_toy.json").exists() and \
-                    json.loads((d / "config.json").read_text()).get("model_type") == "mixtral":
-                done.append(d)
-        except (OSError, ValueError):
-            continue
-    done.sort(key=lambda d: (d.name.startswith("large"), d.stat().st_mtime))
-    return done[-1] if done else None
 
 
 def op_budget(pack_path: Path, prompt: list[int]) -> dict:

@@ -3,9 +3,9 @@
     python -m benchmarks.run_all [--quick] [--only NAME[,NAME...]] [--skip NAME[,NAME...]]
 
 Modules, in order: kernels (benchmarks/bench_kernels.py, via bench_runtime.write_kernels), runtime,
-runtime-deepseek (benchmarks/bench_runtime_deepseek.py), compress-memory, prefetch (benchmarks/bench_prefetch.py), throughput (benchmarks/bench_throughput.py), peers,
-quality (benchmarks/quality.py). A module
-whose file does not exist yet is reported and skipped; a module that fails does not stop the others, and
+runtime-families (benchmarks/bench_runtime_families.py), compress-memory, prefetch
+(benchmarks/bench_prefetch.py), throughput (benchmarks/bench_throughput.py), peers, quality
+(benchmarks/quality.py). A module whose file does not exist yet is reported and skipped; a module that fails does not stop the others, and
 run_all exits non-zero at the end if any failed. `--quick` passes `--quick` to every module whose source
 mentions that flag (the others run with their defaults)."""
 
@@ -55,7 +55,7 @@ def _module_main(module: str) -> Callable[[bool], None]:
 MODULES: dict[str, tuple[str, Callable[[bool], None]]] = {
     "kernels": ("bench_kernels.py", _kernels),
     "runtime": ("bench_runtime.py", _module_main("bench_runtime")),
-    "runtime-deepseek": ("bench_runtime_deepseek.py", _module_main("bench_runtime_deepseek")),
+    "runtime-families": ("bench_runtime_families.py", _module_main("bench_runtime_families")),
     "compress-memory": ("bench_compress_memory.py", _module_main("bench_compress_memory")),
     "prefetch": ("bench_prefetch.py", _module_main("bench_prefetch")),
     "throughput": ("bench_throughput.py", _module_main("bench_throughput")),

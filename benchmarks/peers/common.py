@@ -60,11 +60,21 @@ def checkpoint(cfg: ModelConfig) -> Path:
     return path
 
 
-def toy_checkpoint() -> Path | None:
+def toy_mixtral() -> Path | None:
     """The colleague's trained toy Mixtral (moepack.testing.toymodel), if a finished one is in the cache:
-    `$MOEPACK_CACHE/toy-model/<variant>-<key>/` with its meta file (written last). Prefers the large variant."""
+    `$MOEPACK_CACHE/toy-model/<variant>-<key>/` with its meta file (written last) and a config.json whose
+    model_type is mixtral (trained toys of other families share the cache and are left out, since the
+    benchmarks' targets and descriptions are set on the Mixtral one). Prefers the large variant, then the
+    newest."""
     cache = Path(os.environ.get("MOEPACK_CACHE") or Path.home() / ".cache" / "moepack") / "toy-model"
-    done = [d for d in cache.glob("*-*") if (d / "moepack_toy.json").exists() and (d / "config.json").exists()]
+    done = []
+    for d in cache.glob("*-*"):
+        try:
+            if (d / "moepack_toy.json").exists() and \
+                    json.loads((d / "config.json").read_text()).get("model_type") == "mixtral":
+                done.append(d)
+        except (OSError, ValueError):  # unfinished or foreign directories are not toys
+            continue
     done.sort(key=lambda d: (d.name.startswith("large"), d.stat().st_mtime))
     return done[-1] if done else None
 
