@@ -55,12 +55,10 @@ FULL = ModelConfig(hidden=1024, intermediate=1536, layers=8, experts=32)
 QUICK = ModelConfig(hidden=1024, intermediate=1536, layers=4, experts=16)
 
 
-def measure(cfg: ModelConfig, *, threads: list[int], repeats: int, new_tokens: int, fraction: float = 0.25) -> dict:
-    ck = checkpoint(cfg)
-    packs = {"bf16": pack(ck, "bf16"), "q4g128": pack(ck, "q4g128")}
-    prompt = token_ids(ck, PROMPT)
-    base = {"prompt_ids": prompt, "repeats": repeats, "new_tokens": new_tokens, "context": 512}
-    configs = [
+def table_configs(ck: Path, packs: dict[str, Path], fraction: float) -> list[tuple[str, dict]]:
+    """The runtime table's rows (label, worker job): transformers bf16 against the bf16 and q4g128 packs,
+    whole and with `fraction` of the experts resident."""
+    return [
         ("transformers bf16, whole", {"system": "transformers", "path": str(ck), "dtype": "bfloat16"}),
         ("moepack bf16 pack, whole", {"system": "moepack", "path": str(packs["bf16"])}),
         ("moepack q4g128 pack, whole", {"system": "moepack", "path": str(packs["q4g128"])}),
@@ -69,6 +67,14 @@ def measure(cfg: ModelConfig, *, threads: list[int], repeats: int, new_tokens: i
         (f"moepack bf16 pack, {fraction:.0%} of experts",
          {"system": "moepack", "path": str(packs["bf16"]), "expert_fraction": fraction}),
     ]
+
+
+def measure(cfg: ModelConfig, *, threads: list[int], repeats: int, new_tokens: int, fraction: float = 0.25) -> dict:
+    ck = checkpoint(cfg)
+    packs = {"bf16": pack(ck, "bf16"), "q4g128": pack(ck, "q4g128")}
+    prompt = token_ids(ck, PROMPT)
+    base = {"prompt_ids": prompt, "repeats": repeats, "new_tokens": new_tokens, "context": 512}
+    configs = table_configs(ck, packs, fraction)
     results = []
     load0 = os.getloadavg()[0]
     for t in threads:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_runtime import HEADERS, method_text, table_rows
+from benchmarks.bench_runtime import HEADERS, method_text, table_configs, table_rows
 from benchmarks.peers.common import BENCH_DIR, PROMPT, fmt_bytes, log, pack, run_worker, token_ids
 from benchmarks.report import markdown_table, update_section
 
@@ -131,15 +131,7 @@ def measure(fam: Family, *, threads: list[int], repeats: int, new_tokens: int, f
     ck = checkpoint(fam)
     packs = {"bf16": pack(ck, "bf16"), "q4g128": pack(ck, "q4g128", rtn=True)}
     base = {"prompt_ids": token_ids(ck, PROMPT), "repeats": repeats, "new_tokens": new_tokens, "context": 512}
-    configs = [
-        ("transformers bf16, whole", {"system": "transformers", "path": str(ck), "dtype": "bfloat16"}),
-        ("moepack bf16 pack, whole", {"system": "moepack", "path": str(packs["bf16"])}),
-        ("moepack q4g128 pack, whole", {"system": "moepack", "path": str(packs["q4g128"])}),
-        (f"moepack q4g128 pack, {fraction:.0%} of experts",
-         {"system": "moepack", "path": str(packs["q4g128"]), "expert_fraction": fraction}),
-        (f"moepack bf16 pack, {fraction:.0%} of experts",
-         {"system": "moepack", "path": str(packs["bf16"]), "expert_fraction": fraction}),
-    ]
+    configs = table_configs(ck, packs, fraction)
     results, load0 = [], os.getloadavg()[0]
     for t in threads:
         for label, job in configs:
