@@ -168,3 +168,47 @@ def test_prepared_projections_bind_the_choice(bf16_cpu, quant_gemm):
         assert BF16_SQNR_DB <= sqnr_db(got, ref) < 80
     assert _rel_err(exact.mm(x), x @ dense.T) < REL_TOL and _rel_err(exact.mm_t(h), h @ dense) < REL_TOL
     assert _rel_err(fast.mm_t(h[:3]), h[:3] @ dense) < REL_TOL  # 3 tokens: the exact fused kernel
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dequant_to_bf16_is_the_reference_rounded_on_every_path(cpp, bits):
+    """The many-token path's dequantiser (vpermw over a per-group bf16 table on AVX-512, the shared kernel
+    elsewhere) gives the reference decode rounded to nearest even, bit for bit: every code value (random
+    bytes), groups of 32/64/128, a 4096 + one group width, all rows and a subset with repeats."""
+    lib = cpp.load()
+    before = lib.isa()
+    try:
+        for group in (32, 64, 128):
+            g = torch.Generator().manual_seed(100 * bits + group)
+            rows_n, cols = 37, 4096 + group
+            parts = {"codes": torch.randint(0, 256, (rows_n, cols * bits // 8), generator=g, dtype=torch.uint8),
+                     "scale": (torch.randn(rows_n, cols // group, generator=g) * 0.05).half(),
+                     "zero": (torch.rand(rows_n, cols // group, generator=g) * (2**bits - 1)).half()}
+            ref = decode(parts, f"q{bits}g{group}", (rows_n, cols)).bfloat16()
+            rows = torch.tensor([36, 0, 5, 5, 17])
+            for isa in lib.isas():
+                lib.set_isa(isa)
+                for r, want in ((None, ref), (rows, ref[rows])):
+                    got = lib.qdequant(parts["codes"], parts["scale"], parts["zero"], r, bits, group, cols, True)
+                    assert got.dtype == torch.bfloat16 and torch.equal(got, want), (isa, group, r is None)
+    finally:
+        lib.set_isa(before)
+
+
+def test_dequant_into_a_reused_buffer(cpp):
+    """qdequant(..., out=buf) writes the first n rows of a larger buffer (what the blocked path reuses across
+    blocks) and returns them; a buffer of the wrong dtype or width is refused with a message."""
+    lib = cpp.load()
+    g = torch.Generator().manual_seed(12)
+    parts = encode(torch.randn(40, 256, generator=g), "q4g64")
+    c, s, z = parts["codes"], parts["scale"], parts["zero"]
+    ref = decode(parts, "q4g64", (40, 256))
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        buf = torch.full((64, 256), 7.0, dtype=dtype)
+        got = lib.qdequant(c[8:40], s[8:40], z[8:40], None, 4, 64, 256, bf16, buf)
+        assert got.data_ptr() == buf.data_ptr() and got.shape == (32, 256)
+        assert torch.equal(got, ref[8:40].to(dtype)) and bool((buf[32:] == 7).all())
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU bfloat16"):
+        lib.qdequant(c, s, z, None, 4, 64, 256, True, torch.empty(40, 256))
+    with pytest.raises(RuntimeError, match="out must be"):
+        lib.qdequant(c, s, z, None, 4, 64, 256, False, torch.empty(40, 128))

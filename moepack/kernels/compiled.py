@@ -76,7 +76,11 @@ def quant_gemm() -> tuple[torch.dtype, str]:
            if getattr(torch.cpu, probe, lambda: False)()]
     if not isa:
         return torch.float32, "float32 (this CPU has no AVX-512 BF16 or AMX)"
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    try:
+        onednn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the probe
+        onednn = False
+    if not onednn:
         return torch.float32, "float32 (torch's oneDNN has no bf16 GEMM here)"
     return torch.bfloat16, f"bfloat16 ({'+'.join(isa)}; {BF16_ENV}=0 for float32)"
 
@@ -101,16 +105,23 @@ def _qparts(parts: dict[str, torch.Tensor], device: torch.device) -> tuple[torch
     return tuple(out)
 
 
+def _block_rows(cols: int, wide: torch.dtype) -> int:
+    """Rows per block: about 8 MiB of dequantised weights (_TILE_ELEMS in fp32), at least 32."""
+    return max(32, _TILE_ELEMS * 4 // wide.itemsize // max(cols, 1))
+
+
 def _row_blocks(n: int, cols: int, rows: torch.Tensor | None, wide: torch.dtype = torch.float32):
-    """(i0, i1, rows[i0:i1] or None) for blocks of about 8 MiB of dequantised weights (_TILE_ELEMS in fp32)."""
-    step = max(32, _TILE_ELEMS * 4 // wide.itemsize // max(cols, 1))
+    """(i0, i1, rows[i0:i1] or None) for blocks of _block_rows rows."""
+    step = _block_rows(cols, wide)
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
         yield i0, i1, (rows[i0:i1] if rows is not None else None)
 
 
 def _block_reader(ops, parts, recipe: Recipe, cols: int, device: torch.device, wide: torch.dtype):
-    """(n rows of the whole matrix, read(i0, i1, sub) -> W[rows][i0:i1] as `wide` [i1-i0, cols])."""
+    """(n rows of the whole matrix, read(i0, i1, sub) -> W[rows][i0:i1] as `wide` [i1-i0, cols]). On the CPU a
+    quantised block is dequantised into one buffer per call, valid until the next read (a fresh multi-MiB
+    tensor per block would be new pages each time: page faults cost as much as the dequantisation)."""
     if not recipe.quantized:
         values = parts["values"].to(device)
 
@@ -120,12 +131,17 @@ def _block_reader(ops, parts, recipe: Recipe, cols: int, device: torch.device, w
 
         return values.shape[0], read
     codes, scale, zero = _qparts(parts, device)
-    extra = (wide == torch.bfloat16,) if device.type == "cpu" else ()  # the CUDA op has no bf16 output
+    cpu = device.type == "cpu"  # the CUDA op has no bf16 output and no buffer
+    buf: list[torch.Tensor] = []
 
     def read(i0, i1, sub):
         c, s, z = (codes, scale, zero) if sub is not None else (t[i0:i1] for t in (codes, scale, zero))
-        w = ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols, *extra)
-        return w if w.dtype == wide else w.to(wide)
+        if not cpu:
+            return ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols).to(wide)
+        if not buf:
+            buf.append(torch.empty(min(_block_rows(cols, wide), codes.shape[0] if sub is None else len(sub)),
+                                   cols, dtype=wide))
+        return ops.qdequant(c, s, z, sub, recipe.bits, recipe.group, cols, wide == torch.bfloat16, buf[0])
 
     return codes.shape[0], read
 
