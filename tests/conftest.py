@@ -38,3 +38,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def quant_gemm(monkeypatch):
+    """`quant_gemm("0")` sets MOEPACK_CPU_BF16 for the test (None: unset) and makes the kernels read it again
+    (quantised products of many tokens in float32 with "0", in bf16 where the CPU has it otherwise)."""
+    from moepack.kernels import compiled
+
+    def set_(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(compiled.BF16_ENV, raising=False)
+        else:
+            monkeypatch.setenv(compiled.BF16_ENV, value)
+        compiled.quant_gemm.cache_clear()
+
+    yield set_
+    compiled.quant_gemm.cache_clear()  # before monkeypatch restores the variable: read again on next use
+
+
+@pytest.fixture
+def exact_prefill(quant_gemm):
+    """Quantised products of many tokens in float32 (MOEPACK_CPU_BF16=0): exact up to summation order."""
+    quant_gemm("0")

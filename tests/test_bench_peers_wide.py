@@ -63,3 +63,14 @@ def test_pack_expert_bits_per_weight(tmp_path):
     compress(str(ck), bf16, recipe="bf16", force=True)
     assert wide.pack_expert_bpw(bf16) == pytest.approx(16.0)
     assert 4.0 < wide.pack_expert_bpw(q4) <= 4.5  # 4-bit codes plus a scale and a zero per group of 128
+
+
+def test_merged_runs_report_the_load_range_of_both():
+    """Rows merged from a second run (--wide-merge) carry the load range over both runs, not the first's."""
+    old = {**_measurement(1), "load": (0.2, 1.4)}
+    new = {**_measurement(1), "load": (3.5, 4.4), "notes": []}
+    new["rows"] = [p for p in new["rows"] if p["recipe"] == "q4g128"]
+    merged = wide.merge_pairs(old, new)
+    assert merged["load"] == (0.2, 4.4)
+    text = wide.render_wide(merged)
+    assert "load average from 0.2 to 4.4 over the runs" in text and "measured again" in text

@@ -117,7 +117,7 @@ def dequantised_reference(pack_path) -> MoeModel:
 
 @pytest.mark.parametrize("family,recipe", [("mixtral", "q4g32"), ("qwen2_moe", "q2g64+r8"), ("olmoe", "2:4+q4g32"),
                                            ("qwen3_moe", "q3g32")])
-def test_lossy_pack_matches_dequantised_reference(packs, family, recipe):
+def test_lossy_pack_matches_dequantised_reference(packs, family, recipe, exact_prefill):
     path = packs(family, recipe)
     model = MoePackModel.load(path, device="cpu")
     ids = model.encode(PROMPT)
@@ -125,6 +125,32 @@ def test_lossy_pack_matches_dequantised_reference(packs, family, recipe):
     got = model.logits(ids)
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel < 1e-4, rel  # fused kernels accumulate in another order: relative error, not bit equality
+
+
+@pytest.mark.parametrize("family,recipe", [("mixtral", "q4g32"), ("qwen2_moe", "q2g64+r8"), ("qwen3_moe", "q3g32")])
+def test_lossy_prefill_in_bf16_is_as_close_as_bf16_compute(packs, family, recipe, quant_gemm):
+    """Quantised products of many tokens in bf16 (MOEPACK_CPU_BF16, on CPUs with bf16 dot products), float32
+    everywhere else: the logits are no further from the dequantised float32 reference than 1.5x those of a
+    --dtype bfloat16 run of the same pack, and they did change (the bf16 GEMM ran); MOEPACK_CPU_BF16=0 is exact again."""
+    from moepack.kernels import compiled
+
+    quant_gemm(None)
+    if compiled.quant_gemm()[0] != torch.bfloat16:
+        pytest.skip(f"no bf16 prefill here: {compiled.quant_gemm()[1]}")
+    path = packs(family, recipe)
+    model = MoePackModel.load(path, device="cpu")
+    ids = model.encode(PROMPT * 3)  # long enough for the many-token path (> 8 tokens per expert)
+    want = dequantised_reference(path)(torch.tensor(ids))
+    got = model.logits(ids)
+    half = MoePackModel.load(path, device="cpu", dtype="bfloat16").logits(ids)
+
+    def dist(a):
+        return ((a - want).norm() / want.norm()).item()
+
+    assert 0 < dist(got) <= 1.5 * dist(half), (dist(got), dist(half))
+    quant_gemm("0")
+    exact = MoePackModel.load(path, device="cpu")
+    assert dist(exact.logits(ids)) < 1e-5
 
 
 @pytest.mark.parametrize("recipe", [None, "q4g32"])

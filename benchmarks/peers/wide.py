@@ -208,7 +208,8 @@ def merge_pairs(old: dict, new: dict) -> dict:
     rows.sort(key=lambda p: (order.index(p["recipe"]) if p["recipe"] in order else 99, p["threads"]))
     note = (f"The {', '.join(sorted(redone))} pair(s) were measured again at {time.strftime('%H:%M UTC', time.gmtime())}"
             f" (load average {new['load'][0]:.1f} to {new['load'][1]:.1f}); the other rows are from the first run.")
-    return {**old, "rows": rows, "notes": old["notes"] + new["notes"] + [note],
+    loads = (*old["load"], *new["load"])  # the range over both runs: the rows mix them
+    return {**old, "rows": rows, "notes": old["notes"] + new["notes"] + [note], "load": (min(loads), max(loads)),
             "profiles": new.get("profiles") or old.get("profiles")}
 
 
@@ -354,7 +355,7 @@ def render_wide(m: dict) -> str:
         f"Whole model in memory for both (no budget). moepack's quantised packs are encoded round-to-nearest "
         f"(`compress(..., rtn=True)`; the same format and kernels as the default encoder), as llama.cpp quantises "
         f"without an importance matrix. Machine: {m['cpu']}. 1-minute load average "
-        f"{m['load'][0]:.1f} at the start, {m['load'][1]:.1f} at the end (the two cores are shared).",
+        f"from {min(m['load']):.1f} to {max(m['load']):.1f} over the runs (the two cores are shared).",
         "",
         "\n".join(summary_lines(m)),
         "",

@@ -116,7 +116,10 @@ def run_moepack(job: dict) -> dict:
     try:  # the ISA the compiled CPU kernels dispatched to (for the record; absent when they did not load)
         import torch
 
-        out["kernel"] = f"{out['backend']}, ISA {torch.ops.moepack_cpu.isa()}"
+        from moepack.kernels.compiled import quant_gemm
+
+        out["kernel"] = (f"{out['backend']}, ISA {torch.ops.moepack_cpu.isa()}, quantised products of more than "
+                         f"8 tokens in {quant_gemm()[1]}")
     except (AttributeError, RuntimeError):
         pass
     if job.get("ppl_ids"):

@@ -25,6 +25,7 @@ def run(json_out: bool = False) -> int:
     print(f"paths this CPU runs:  {', '.join(cpp['isas'])}")
     planes = {0: "off (fp32 kernels)", 1: "one int8 plane", 2: "two int8 planes"}[info["int8_planes"]]
     print(f"int8 activations:     {planes} (MOEPACK_CPU_Q8)")
+    print(f"quantised prefill:    {info['prefill_gemm_why']}")
     print(f"build folder:         {cpp['build_dir']}")
     worst: dict[str, float] = {}
     for c in info["checks"]:

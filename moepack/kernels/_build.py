@@ -27,6 +27,10 @@ Environment:
   MOEPACK_CPU_Q8=N           q2/q4 products of up to 8 tokens: 2 (default) int8 activations in two
                              planes (about 15 bits), 1 one int8 plane (as llama.cpp's q8), 0 the fp32
                              kernels (exact up to summation order; slower)
+  MOEPACK_CPU_BF16=N         quantised products of more than 8 tokens (prefill) with float32 inputs: 1
+                             (default) in bf16 with float32 accumulation where the CPU has AVX-512 BF16
+                             or AMX (>= 45 dB SQNR, kernels/check.py), else float32; 0 always float32
+                             (exact up to summation order). Read once (kernels/compiled.py: quant_gemm)
   MOEPACK_VERBOSE_BUILD=1    show the compiler's output
 """
 

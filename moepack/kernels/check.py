@@ -7,6 +7,9 @@ compared with the reference by SQNR in dB:
   * products with int8 activations (q2/q4 matmul of up to 8 tokens, MOEPACK_CPU_Q8=1 or 2): at least
     Q8_SQNR_DB[planes] (one plane rounds each block of 32 activations to 8 bits, about 43 dB on Gaussian
     inputs; two planes add the residual, about 15 bits);
+  * quantised products of more than 8 tokens where they multiply in bf16 (`compiled.quant_gemm`: CPUs with
+    AVX-512 BF16 or AMX, unless MOEPACK_CPU_BF16=0): at least BF16_SQNR_DB (weights and activations each
+    rounded to bf16, float32 accumulation: about 50 dB on Gaussian inputs);
   * every other product (decoded weights are bit-exact, only the fp32 summation order differs):
     at least EXACT_SQNR_DB.
 """
@@ -18,6 +21,7 @@ import math
 import torch
 
 Q8_SQNR_DB = {1: 35.0, 2: 70.0}  # by the number of int8 planes
+BF16_SQNR_DB = 45.0  # quantised weights and float32 activations rounded to bf16 for the GEMM
 EXACT_SQNR_DB = 100.0
 CHECK_RECIPES = ("q4g128", "q4g32", "q3g64", "q2g64", "q4g128d", "q2g64d", "bf16", "fp16")
 CHECK_WIDTHS = (384, 200)  # whole groups; a ragged last group and a partial block of 32
@@ -40,7 +44,7 @@ def check_paths(recipes=CHECK_RECIPES, rows: int = 40, widths=CHECK_WIDTHS, seed
     from moepack.codecs import as_recipe, encode
     from moepack.kernels import Backend, matmul, matmul_t
     from moepack.kernels._build import CPP
-    from moepack.kernels.compiled import FUSED_MAX_T
+    from moepack.kernels.compiled import FUSED_MAX_T, wide_dtype
 
     ops = CPP.load()
     current = ops.isa()
@@ -60,7 +64,8 @@ def check_paths(recipes=CHECK_RECIPES, rows: int = 40, widths=CHECK_WIDTHS, seed
                         got = op(inp, parts, recipe, shape, backend=Backend.CPP)
                         q8 = op is matmul and r.quantized and r.bits in (2, 4) and tokens <= FUSED_MAX_T
                         q8 = planes if q8 else 0
-                        bound = Q8_SQNR_DB[q8] if q8 else EXACT_SQNR_DB
+                        bf16 = tokens > FUSED_MAX_T and wide_dtype(r, torch.float32, "cpu") == torch.bfloat16
+                        bound = Q8_SQNR_DB[q8] if q8 else BF16_SQNR_DB if bf16 else EXACT_SQNR_DB
                         s = sqnr_db(got, ref)
                         out.append({"isa": display_isa(isa), "recipe": recipe, "cols": cols, "op": op.__name__,
                                     "tokens": tokens,
@@ -95,6 +100,10 @@ def report(check: bool = True) -> dict:
         return info
     cpp.update(available=True, isas=[display_isa(i) for i in ops.isas()],
                compiled_now=CPP.build_seconds is not None, load_seconds=round(time.monotonic() - t0, 2))
-    info.update(cpp=cpp, isa="cpp-" + display_isa(ops.isa()), int8_planes=int(ops.q8()))
+    from moepack.kernels.compiled import quant_gemm
+
+    dtype, why = quant_gemm()
+    info.update(cpp=cpp, isa="cpp-" + display_isa(ops.isa()), int8_planes=int(ops.q8()),
+                prefill_gemm=str(dtype).removeprefix("torch."), prefill_gemm_why=why)
     info["checks"] = check_paths() if check else []
     return info

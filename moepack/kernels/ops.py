@@ -8,8 +8,10 @@ a low-rank residual (`lr_u` [rows, R], `lr_v` [R, cols]) is then added in torch 
 x @ V.T @ U[rows].T or h @ U[rows] @ V, whatever the backend. Passthrough recipes run the compiled kernels
 where a backend serves their dtype (bf16/fp16 on CPP: widened on the fly, never upcast whole); otherwise
 (fp32, or a backend without them) they are a plain torch matmul on any backend, since there is nothing to
-decode. Arithmetic is float32, except that on the CPP backend a bfloat16 input multiplies blocks of more
-than FUSED_MAX_T tokens in bf16 with float32 accumulation (kernels/compiled.py); the result has x's dtype.
+decode. Arithmetic is float32, except on the CPP backend's blocked path (more than FUSED_MAX_T tokens): a
+bfloat16 input multiplies in bf16 with float32 accumulation, and so do quantised weights for a float32 input
+on CPUs with bf16 dot products (`compiled.quant_gemm`, MOEPACK_CPU_BF16=0 turns it off); the result has x's
+dtype.
 
 Backend.AUTO picks CUDA for CUDA tensors and CPP on the CPU when the recipe is supported and the
 extension builds, else TORCH (the reference, which always works). An explicitly requested backend
@@ -132,10 +134,16 @@ def resolve_backend(backend: Backend | str, recipe: Recipe | str, device: torch.
 
 def kernel_name(backend: Backend | str, recipe: Recipe | str, device: torch.device | str) -> str:
     """The kernels a product of `recipe` runs on, in words: torch, cuda, or cpp-<ISA path> (cpp-avx512-vnni,
-    cpp-avx2, ...), as `moepack doctor` and `run --stats` name them."""
+    cpp-avx2, ...), as `moepack doctor` and `run --stats` name them; for a quantised recipe on the CPP backend
+    also the dtype of its many-token (prefill) GEMM for float32 inputs: "cpp-avx512-vnni (prefill bf16)"."""
+    recipe = as_recipe(recipe)
     chosen = resolve_backend(backend, recipe, device)
     if chosen is Backend.CPP:
-        return "cpp-" + CPP_EXT.load().isa().replace("_", "-")
+        name = "cpp-" + CPP_EXT.load().isa().replace("_", "-")
+        if recipe.quantized:
+            wide = compiled.wide_dtype(recipe, torch.float32, "cpu")
+            name += f" (prefill {'bf16' if wide == torch.bfloat16 else 'fp32'})"
+        return name
     return chosen.value
 
 
@@ -157,7 +165,7 @@ def matmul(
     base = _base_recipe(recipe)
     impl = _base_impl(backend, base, x.device)
     if impl is not None:
-        out = impl.matmul(x32.contiguous(), parts, base, cols, rows, _wide(x))
+        out = impl.matmul(x32.contiguous(), parts, base, cols, rows, compiled.wide_dtype(base, x.dtype, x.device.type))
     else:  # passthrough without a kernel for its dtype
         out = x32 @ _rows_of(parts["values"], rows).to(x.device, torch.float32).T
     if recipe.rank:
@@ -185,7 +193,7 @@ def matmul_t(
     base = _base_recipe(recipe)
     impl = _base_impl(backend, base, h.device)
     if impl is not None:
-        out = impl.matmul_t(h32.contiguous(), parts, base, cols, rows, _wide(h))
+        out = impl.matmul_t(h32.contiguous(), parts, base, cols, rows, compiled.wide_dtype(base, h.dtype, h.device.type))
     else:  # passthrough without a kernel for its dtype
         out = h32 @ _rows_of(parts["values"], rows).to(h.device, torch.float32)
     if recipe.rank:
@@ -193,10 +201,6 @@ def matmul_t(
         v = parts["lr_v"].to(h.device, torch.float32)  # [R, cols]
         out = out + (h32 @ u) @ v
     return out.to(h.dtype)
-
-
-def _wide(x: torch.Tensor) -> torch.dtype:
-    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
 @functools.lru_cache(maxsize=256)

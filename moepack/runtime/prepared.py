@@ -25,7 +25,7 @@ from moepack.format.constants import PROJECTIONS
 from moepack.kernels import Backend, matmul, matmul_t, registry, resolve_backend
 from moepack.kernels._build import CPP as CPP_EXT
 from moepack.kernels._build import CUDA as CUDA_EXT
-from moepack.kernels.compiled import FUSED_MAX_T, quant_args
+from moepack.kernels.compiled import FUSED_MAX_T, quant_args, wide_dtype
 
 
 class KernelClock:
@@ -75,12 +75,14 @@ def bind(parts: dict[str, torch.Tensor], recipe: Recipe | str, shape: tuple[int,
             return matmul_t(h, parts, recipe, shape, rows, backend=want)
         return _timed(mm), _timed(mm_t)
     fused, fused_t = _fused_ops(want, parts, base, cols, device)
-    return _op(fused, impl.matmul, parts, base, cols), _op(fused_t, impl.matmul_t, parts, base, cols)
+    wide = wide_dtype(base, torch.float32, device.type)  # many tokens, float32 inputs: bf16 for lossy weights
+    return (_op(fused, impl.matmul, parts, base, cols, wide), _op(fused_t, impl.matmul_t, parts, base, cols, wide))
 
 
-def _op(fused, base_op, parts: dict, base: Recipe, cols: int) -> Op:
+def _op(fused, base_op, parts: dict, base: Recipe, cols: int, wide32: torch.dtype) -> Op:
     """One bound product: the fused op for up to FUSED_MAX_T tokens where there is one, else the backend's
-    base op; float32 in and out (other inputs converted), timed on CLOCK."""
+    base op, which multiplies in bf16 for bf16 inputs and in `wide32` for the others; float32 in and out
+    (other inputs converted), timed on CLOCK."""
     def call(x, rows=None):
         t0 = perf_counter()
         dtype = x.dtype
@@ -88,7 +90,7 @@ def _op(fused, base_op, parts: dict, base: Recipe, cols: int) -> Op:
         if fused is not None and x.shape[0] <= FUSED_MAX_T:
             y = fused(x32, rows)
         else:
-            y = base_op(x32, parts, base, cols, rows, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+            y = base_op(x32, parts, base, cols, rows, torch.bfloat16 if dtype == torch.bfloat16 else wide32)
         CLOCK.s += perf_counter() - t0
         return y if dtype == torch.float32 else y.to(dtype)
     return call

@@ -16,7 +16,9 @@
 // Ops (registered with torch.library under the namespace moepack_cpu):
 //   qmatmul(x[T,cols], ..., rows?)       -> [T, n]    = x @ W[rows].T   (row dot products)
 //   qmatmul_t(h[T,n], ..., rows?, cols)  -> [T, cols] = h @ W[rows]     (weighted sum of rows)
-//   qdequant(..., rows?, cols, bf16)     -> [n, cols] = W[rows] in fp32, or rounded to bf16 (nearest even)
+//   qdequant(..., rows?, cols, bf16, out?) -> [n, cols] = W[rows] in fp32, or rounded to bf16 (nearest even);
+//                                       into the first n rows of `out` when given (a buffer reused across
+//                                       blocks: a fresh multi-MiB tensor per block costs page faults)
 //   pmatmul(x[T,cols], w, rows?)         -> [T, n]    (w bf16/fp16 [rows, cols])
 //   pmatmul_t(h[T,n], w, rows?)          -> [T, cols]
 //   isa() / isas() / set_isa(name)       the table in use / those this CPU can run, best first / choose
@@ -363,11 +365,22 @@ at::Tensor pmatmul_t(const at::Tensor& h, const at::Tensor& w, const c10::option
 
 at::Tensor qdequant(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                     const c10::optional<at::Tensor>& rows, int64_t bits, int64_t group, int64_t cols, bool bf16,
-                    const c10::optional<at::Tensor>& rowq) {
+                    const c10::optional<at::Tensor>& rowq, const c10::optional<at::Tensor>& into) {
   const QMat m = check_quant(codes, scale, zero, bits, group, cols, rowq);
   int64_t n;
   const int64_t* r = check_rows(rows, codes.size(0), &n);
-  at::Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor out;
+  if (into.has_value()) {
+    const at::Tensor& b = *into;
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == dtype && b.dim() == 2 && b.is_contiguous() &&
+                    b.size(0) >= n && b.size(1) == cols,
+                "moepack_cpu.qdequant: out must be a contiguous CPU ", bf16 ? "bfloat16" : "float32",
+                " tensor of at least [", n, ", ", cols, "], got ", b.scalar_type(), " ", b.sizes());
+    out = b.narrow(0, 0, n);
+  } else {
+    out = at::empty({n, cols}, at::TensorOptions().dtype(dtype));
+  }
   if (n == 0) return out;
   const Table& tb = table();
   parallel_rows(n, [&](int64_t i0, int64_t i1) {
@@ -390,7 +403,7 @@ TORCH_LIBRARY(moepack_cpu, m) {
       "Tensor? rowq=None) -> Tensor");
   m.def(
       "qdequant(Tensor codes, Tensor scale, Tensor zero, Tensor? rows, int bits, int group, int cols, bool bf16=False, "
-      "Tensor? rowq=None) -> Tensor");
+      "Tensor? rowq=None, Tensor(a!)? out=None) -> Tensor");
   m.def("pmatmul(Tensor x, Tensor w, Tensor? rows) -> Tensor");
   m.def("pmatmul_t(Tensor h, Tensor w, Tensor? rows) -> Tensor");
   m.def("isa() -> str", [] { return std::string(table().name); });

@@ -16,11 +16,12 @@
 #include "cpu_kernels.h"
 #include "cpu_gemv_q8.h"
 #include "cpu_matmul_t.h"
+#include "cpu_dequant_zmm.h"
 
 namespace moepack_cpu {
 const Table* table_avx512() {
   static const Table t{"avx512", MOEPACK_Q8_VEC, k_qmatmul, k_pmatmul, k_qmatmul_t_fast, k_pmatmul_t, k_qdequant,
-                       k_qdequant_bf16, k_q8_prepare, k_q8_matmul};
+                       k_qdequant_bf16_zmm, k_q8_prepare, k_q8_matmul};
   return &t;
 }
 }  // namespace moepack_cpu
